@@ -1,0 +1,161 @@
+"""A frozen CLIP text encoder: prompts in, per-token hidden states and a padding mask out.
+
+Works with any saved CLIP: a Hub id such as `openai/clip-vit-base-patch32`, a local `CLIPModel`
+directory (only its text tower is loaded) or a local `CLIPTextModel` directory. The project's
+offline default is `tiny-clip`, trained by `diffusion.tiny_clip`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as hf_logging
+
+from diffusion.errors import UserError
+
+
+class TextEncoderLoadError(UserError, RuntimeError):
+    """A CLIP text encoder could not be loaded from the Hub or from a local directory."""
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report: a CLIPModel checkpoint always has vision weights the text tower leaves unused."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def load_text_tower(name_or_path: str) -> CLIPTextModel:
+    """The text tower of a saved CLIPModel or CLIPTextModel (`from_pretrained` picks `text_config` by itself)."""
+    with quiet_transformers():
+        model, loading_info = CLIPTextModel.from_pretrained(name_or_path, output_loading_info=True)
+    if loading_info["missing_keys"]:  # checked here, since the report that would name them is silenced
+        missing = sorted(loading_info["missing_keys"])
+        raise OSError(f"the checkpoint has no weights for {len(missing)} text-tower parameters, e.g. {missing[:3]}")
+    return model
+
+
+def load_error_message(name_or_path: str, error: Exception) -> str:
+    if Path(name_or_path).is_dir():
+        return (
+            f"Could not load a CLIP text encoder from the local directory '{name_or_path}' ({error}). "
+            "It must hold a saved CLIPModel or CLIPTextModel (config.json + weights) and its CLIP tokenizer files "
+            "(vocab.json + merges.txt, or tokenizer.json)."
+        )
+    return (
+        f"Could not load the CLIP text encoder '{name_or_path}' from the Hugging Face Hub (offline, or not found). "
+        "To fix: point `text_encoder.name` at a local directory holding a saved CLIP "
+        "(tokenizer files + config.json + weights), or use the default `tiny-clip`, "
+        "which the project trains offline (python -m diffusion.tiny_clip)."
+    )
+
+
+def dropped_text(prompt: str, first_dropped_char: int) -> str:
+    """The end of `prompt` cut off by truncation, widened back to the start of the word the cut falls in."""
+    start = first_dropped_char
+    while start > 0 and not prompt[start - 1].isspace():
+        start -= 1
+    return prompt[start:].strip()
+
+
+class TextEncoder(nn.Module):
+    """A frozen CLIP tokenizer + text transformer. Always in eval mode, never trained."""
+
+    def __init__(self, tokenizer: CLIPTokenizer, model: CLIPTextModel):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.model = model
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path) -> TextEncoder:
+        name_or_path = str(name_or_path)
+        try:
+            # The model first: offline, a missing Hub id makes the tokenizer come back empty instead of raising.
+            model = load_text_tower(name_or_path)
+            tokenizer = CLIPTokenizer.from_pretrained(name_or_path)
+        except (OSError, ValueError, RuntimeError) as error:  # not found, offline, or not a CLIP checkpoint
+            raise TextEncoderLoadError(load_error_message(name_or_path, error)) from error
+        return cls(tokenizer, model)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write `text_encoder/` (CLIPTextModel) and `tokenizer/` under `folder`, diffusers-style."""
+        self.model.save_pretrained(Path(folder) / "text_encoder")
+        self.tokenizer.save_pretrained(Path(folder) / "tokenizer")
+
+    @classmethod
+    def from_exported(cls, folder: str | Path) -> TextEncoder:
+        """Load what `save_pretrained` wrote."""
+        folder = Path(folder)
+        try:
+            model = load_text_tower(str(folder / "text_encoder"))
+            tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        except (OSError, ValueError, RuntimeError) as error:
+            raise TextEncoderLoadError(load_error_message(str(folder), error)) from error
+        return cls(tokenizer, model)
+
+    def train(self, mode: bool = True) -> TextEncoder:
+        """Frozen: stays in eval mode even when a parent module is put in training mode."""
+        return super().train(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def max_length(self) -> int:
+        return min(self.tokenizer.model_max_length, self.model.config.max_position_embeddings)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def warn_if_truncated(self, prompts: list[str]) -> None:
+        """Warn, naming the prompt and the words it loses, for each prompt longer than `max_length` tokens."""
+        encoded = self.tokenizer(prompts, return_offsets_mapping=True, verbose=False)
+        for prompt, offsets in zip(prompts, encoded["offset_mapping"]):
+            if len(offsets) <= self.max_length:
+                continue
+            # Truncation keeps <|startoftext|> + (max_length - 2) tokens + <|endoftext|>.
+            first_dropped_char = offsets[self.max_length - 1][0]
+            warnings.warn(
+                f"Prompt {prompt!r} is longer than {self.max_length} tokens and was truncated; "
+                f"dropped words: {dropped_text(prompt, first_dropped_char)!r}",
+                stacklevel=3,
+            )
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, T) and attention mask (B, T), both long, padded/truncated to T = max_length."""
+        self.warn_if_truncated(prompts)
+        encoded = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        return encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
+
+    @torch.no_grad()
+    def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states float32 (B, T, D) and mask bool (B, T) (True = real token) for tokenized prompts."""
+        hidden_states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        return hidden_states.float(), attention_mask.bool()
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states float32 (B, T, D) and mask bool (B, T). The empty prompt "" is the null condition."""
+        input_ids, attention_mask = self.tokenize(prompts)  # (B, T), (B, T)
+        return self.encode_ids(input_ids, attention_mask)
+
+    def token_strings(self, prompt: str) -> list[str]:
+        """CLIP token strings of the kept (non-pad) tokens, e.g. ['<|startoftext|>', 'a</w>', 'red</w>', ..., '<|endoftext|>']."""
+        input_ids, attention_mask = self.tokenize([prompt])  # (1, T), (1, T)
+        kept_ids = input_ids[0][attention_mask[0].bool()].tolist()
+        return self.tokenizer.convert_ids_to_tokens(kept_ids)
