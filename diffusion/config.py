@@ -1,0 +1,242 @@
+"""Typed configuration: nested dataclasses filled from YAML, with `section.field=value` overrides.
+
+A run's resolved config is saved beside every checkpoint and export, and every model is rebuilt
+from it, so no architecture flag ever has to be repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from diffusion.errors import UserError
+from diffusion.shapes import ShapesConfig
+from diffusion.tiny_clip import TinyClipConfig
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or override that does not fit the dataclasses below."""
+
+
+@dataclass
+class DataConfig:
+    # "shapes" (the built-in procedural set, generated on first use and cached) or the path of a
+    # folder in the Hugging Face imagefolder layout (image files + metadata.jsonl).
+    dataset: str = "shapes"
+    image_size: int = 32
+    caption_column: str = "text"
+    skip_bad_rows: bool = False
+    # Horizontal flips are off: captions speak of "left of" / "right of" and a flip would make them
+    # lies. When turned on, the loader swaps the words left and right in each flipped caption.
+    hflip: bool = False
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
+
+
+@dataclass
+class TextEncoderConfig:
+    # "tiny-clip" (our own CLIP, trained offline on the dataset's captions on first use), a Hub id
+    # such as "openai/clip-vit-base-patch32", or a local directory holding a saved CLIP.
+    name: str = "tiny-clip"
+    tiny_clip: TinyClipConfig = field(default_factory=TinyClipConfig)
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 3
+    base_channels: int = 64
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_res_blocks: int = 2
+    # Feature-map sizes (in pixels, e.g. 16 for 16x16) that get a cross-attention layer.
+    cross_attention_resolutions: list[int] = field(default_factory=lambda: [16, 8])
+    # Feature-map sizes that also get self-attention (costly at high resolution).
+    self_attention_resolutions: list[int] = field(default_factory=lambda: [8])
+    head_dim: int = 32
+    norm_groups: int = 8
+    dropout: float = 0.0
+
+
+@dataclass
+class NoiseConfig:
+    """The noise schedule (a diffusers DDPMScheduler); the UNet never sees it."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "v_prediction"  # or "epsilon"
+    rescale_betas_zero_snr: bool = True
+    timestep_spacing: str = "trailing"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_steps: int = 200
+    lr_schedule: str = "cosine"  # "cosine" (decays to zero at max_steps) or "constant"
+    max_steps: int = 20000
+    # Stop after this many minutes of training even if max_steps is not reached (0: no limit).
+    max_minutes: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta2: float = 0.99
+    grad_clip: float = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (fp16 on a GPU only)
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 0.0  # 0 turns min-SNR weighting off; 5 is the paper's value
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    validate_every: int = 2000
+    validation_prompts: list[str] = field(
+        default_factory=lambda: [
+            "a red circle",
+            "a blue square",
+            "a large green triangle",
+            "a small yellow star",
+            "a red circle left of a blue square",
+            "a purple star above an orange circle",
+        ]
+    )
+    validation_steps: int = 25
+    validation_guidance: float = 3.0
+
+
+@dataclass
+class Config:
+    name: str = "cpu"
+    # Where the generated dataset and the trained tiny CLIP are cached between runs.
+    cache_dir: str = "outputs/cache"
+    data: DataConfig = field(default_factory=DataConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Filling dataclasses from plain dicts, with type checks that name the valid keys.
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {annotation.__name__} fields, got {value!r}")
+        return from_dict(annotation, value, where)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if annotation is float and not isinstance(value, bool):
+        # YAML reads "1e-3" (no dot) as a string; accept it and ints as floats.
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if annotation in (int, float, str, bool):
+        if type(value) is not annotation:
+            raise ConfigError(f"{where}: expected {annotation.__name__}, got {value!r} ({type(value).__name__})")
+        return value
+    raise ConfigError(f"{where}: unsupported annotation {annotation!r}")
+
+
+def from_dict(cls: type, values: dict, where: str = "config") -> Any:
+    """Build dataclass `cls` from `values`; unknown keys and wrong types are errors."""
+    types = _field_types(cls)
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}. Valid keys: {', '.join(types)}"
+        )
+    kwargs = {name: _coerce(v, types[name], f"{where}.{name}") for name, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as error:  # a section's own checks (e.g. ShapesConfig.validate)
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: write it as section.field=value, e.g. train.batch_size=32")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Set single fields, e.g. ['train.learning_rate=3e-4', 'unet.channel_mults=[1,2]']."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML preset (or the built-in defaults when `path` is None) and apply overrides."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            presets = sorted(p.name for p in Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+            raise ConfigError(f"config file {path} not found. Presets: {', '.join(presets) or 'none'}")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        values = loaded or {}
+    values = apply_overrides(values, overrides or [])
+    config = from_dict(Config, values)
+    validate_config(config)
+    return config
+
+
+def _choose(where: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def validate_config(cfg: Config) -> None:
+    """Checks across fields, so a bad config fails at load time with the field's name."""
+    _choose("train.mixed_precision", cfg.train.mixed_precision, ("no", "bf16", "fp16"))
+    _choose("train.lr_schedule", cfg.train.lr_schedule, ("cosine", "constant"))
+    _choose("noise.prediction_type", cfg.noise.prediction_type, ("epsilon", "v_prediction"))
+    u = cfg.unet
+    if not u.channel_mults:
+        raise ConfigError("unet.channel_mults must list at least one level, e.g. [1, 2, 2]")
+    if cfg.data.image_size % 2 ** (len(u.channel_mults) - 1):
+        raise ConfigError(
+            f"data.image_size {cfg.data.image_size} must be divisible by 2^{len(u.channel_mults) - 1} "
+            f"for {len(u.channel_mults)} UNet levels"
+        )
+    for width in (cfg.unet.base_channels * m for m in u.channel_mults):
+        if width % u.head_dim or width % u.norm_groups:
+            raise ConfigError(
+                f"every level's width (unet.base_channels x channel_mults: {width}) must be divisible by "
+                f"unet.head_dim ({u.head_dim}) and unet.norm_groups ({u.norm_groups})"
+            )
+    if not 0 <= cfg.train.caption_dropout < 1:
+        raise ConfigError(f"train.caption_dropout must be in [0, 1), got {cfg.train.caption_dropout}")
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
