@@ -1,0 +1,78 @@
+"""The sampling loop: one plain function over any diffusers scheduler, with classifier-free guidance.
+
+Conditional and unconditional predictions are computed in one batched forward pass; the
+conditional half comes first, so a recorder that wants only its maps takes rows [:B].
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from diffusion.attention import AttentionRecorder
+
+SCHEDULERS: dict[str, type[SchedulerMixin]] = {
+    "ddim": DDIMScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "ddpm": DDPMScheduler,
+}
+
+
+def make_sampling_scheduler(name: str, training_scheduler_config: dict) -> SchedulerMixin:
+    """A sampler of the given name that shares the training schedule (betas, prediction type)."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[name].from_config(training_scheduler_config)
+
+
+def initial_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """One generator per image, so any image can be regenerated alone from its seed: (B, *shape)."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+@torch.no_grad()
+def sample(
+    unet: torch.nn.Module,
+    scheduler: SchedulerMixin,
+    context: torch.Tensor,
+    context_mask: torch.Tensor,
+    null_context: torch.Tensor,
+    null_mask: torch.Tensor,
+    generators: list[torch.Generator],
+    num_steps: int = 25,
+    guidance_scale: float = 3.0,
+    recorder: AttentionRecorder | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Denoise pure noise into images in [-1, 1]: (B, C, S, S).
+
+    context: (B, T, D) text states of the prompts, context_mask: (B, T); null_*: the empty prompt's,
+    (1, T, D) / (1, T). `callback(step_index, timestep)` runs after every step (e.g. to snapshot maps).
+    """
+    b = context.shape[0]
+    size = unet.config.sample_size
+    device = context.device
+    scheduler.set_timesteps(num_steps, device=device)
+    x = initial_noise(generators, (unet.config.in_channels, size, size), device) * scheduler.init_noise_sigma
+    guided = guidance_scale != 1.0
+    if guided:
+        # Conditional rows first, then the unconditional ones: (2B, T, D).
+        context = torch.cat([context, null_context.expand(b, -1, -1)])
+        context_mask = torch.cat([context_mask, null_mask.expand(b, -1)])
+    for i, t in enumerate(scheduler.timesteps):
+        # 1. Model output for the conditional and unconditional rows in one pass.
+        x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        out = unet(x_in, t.expand(x_in.shape[0]), context, context_mask, recorder=recorder)
+        # 2. Classifier-free guidance: uncond + w (cond - uncond).
+        if guided:
+            cond, uncond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        # 3. One scheduler step towards t-1.
+        x = scheduler.step(out, t, x).prev_sample
+        if callback is not None:
+            callback(i, int(t))
+    return x.clamp(-1, 1)

@@ -1,0 +1,375 @@
+"""The training loop: our UNet on a captioned image folder, with Hugging Face accelerate.
+
+Runs as one CPU process, on one GPU, or on several processes (`accelerate launch`). Leaves a run
+folder with the resolved config, a log, TensorBoard scalars, resumable checkpoints, validation
+grids and, at the end, an exported model (EMA weights) that the sampler loads by path alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from tqdm.auto import tqdm
+
+from diffusion.checkpoints import (
+    STATE_FILE,
+    commit_dir,
+    list_checkpoints,
+    prune_checkpoints,
+    read_state,
+    resolve_resume,
+    staging_dir,
+)
+from diffusion.config import Config, ConfigError, save_config
+from diffusion.data import CaptionedImageFolder, swap_left_right
+from diffusion.errors import UserError
+from diffusion.objective import diffusion_loss, make_noise_scheduler
+from diffusion.prepare import TINY_CLIP, prepare_dataset, prepare_text_encoder
+from diffusion.sampling import make_sampling_scheduler, sample
+from diffusion.text_cache import TextStateCache
+from diffusion.text_encoder import TextEncoder, TextEncoderLoadError, load_error_message
+from diffusion.unet import UNet
+
+logger = logging.getLogger("diffusion")
+
+
+class TrainingError(UserError, RuntimeError):
+    """Training cannot start or go on (a taken run folder, too little data, a diverged loss)."""
+
+
+def build_unet(cfg: Config, context_dim: int) -> UNet:
+    """The UNet described by a config; the text encoder fixes the width of its keys and values."""
+    try:
+        return UNet(sample_size=cfg.data.image_size, context_dim=context_dim, **asdict(cfg.unet))
+    except ValueError as error:  # e.g. an attention resolution this UNet does not have
+        raise ConfigError(str(error)) from None
+
+
+def text_width(cfg: Config) -> int:
+    """The text encoder's hidden size, read from its config without loading its weights."""
+    if cfg.text_encoder.name == TINY_CLIP:
+        return cfg.text_encoder.tiny_clip.text_width
+    from transformers import CLIPTextConfig
+
+    try:
+        return CLIPTextConfig.from_pretrained(cfg.text_encoder.name).hidden_size
+    except (OSError, ValueError) as error:
+        raise TextEncoderLoadError(load_error_message(cfg.text_encoder.name, error)) from error
+
+
+def dry_run_report(cfg: Config) -> str:
+    """The resolved config as YAML and the size of the UNet it describes."""
+    unet = build_unet(cfg, text_width(cfg))
+    params = sum(p.numel() for p in unet.parameters())
+    layers = ", ".join(f"{name} ({size}x{size})" for name, size in unet.cross_attention_layers.items())
+    return (
+        yaml.safe_dump(asdict(cfg), sort_keys=False)
+        + f"\nUNet parameters: {params:,} ({params / 1e6:.2f}M)\ncross-attention layers: {layers}"
+    )
+
+
+def holds_run(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / name).exists() for name in ("checkpoints", "model", "config.yaml"))
+
+
+def choose_run_dir(cfg: Config, output_dir: str | None, resume: str | None) -> Path:
+    """`--output-dir`, or outputs/runs/<name>[-N]: a new run never lands in a folder holding one."""
+    if output_dir is not None:
+        run_dir = Path(output_dir)
+        if resume is None and holds_run(run_dir):
+            raise TrainingError(
+                f"{run_dir} already holds a run. Continue it with --resume latest, or choose another --output-dir."
+            )
+        return run_dir
+    base = Path("outputs/runs") / cfg.name
+    if resume is not None:
+        return base
+    run_dir, n = base, 1
+    while holds_run(run_dir):
+        n += 1
+        run_dir = base.with_name(f"{cfg.name}-{n}")
+    return run_dir
+
+
+def setup_logging(run_dir: Path, is_main: bool) -> None:
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    if is_main and not any(isinstance(h, logging.FileHandler) for h in logger.handlers):
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        logger.addHandler(handler)
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console)
+
+
+class BatchOrder:
+    """Which dataset rows each process trains on at each micro-step.
+
+    A pure function of (seed, micro-step): every epoch is a fresh seeded permutation, split into
+    global batches, and each process takes every `world`-th row of it. Resuming at a micro-step
+    therefore continues with exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int, rank: int, world: int):
+        self.global_batch = batch_size * world
+        if num_rows < self.global_batch:
+            raise TrainingError(
+                f"the dataset has {num_rows} usable images, fewer than one batch of {self.global_batch} "
+                f"({batch_size} per process x {world}); lower train.batch_size or add images"
+            )
+        self.num_rows, self.seed, self.rank, self.world = num_rows, seed, rank, world
+        self.batches_per_epoch = num_rows // self.global_batch
+
+    def rows(self, micro_step: int) -> torch.Tensor:
+        epoch, index = divmod(micro_step, self.batches_per_epoch)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.num_rows, generator=generator)
+        batch = order[index * self.global_batch : (index + 1) * self.global_batch]
+        return batch[self.rank :: self.world]
+
+
+def image_grid(images: torch.Tensor, columns: int, scale: int = 4) -> Image.Image:
+    """(N, 3, S, S) in [-1, 1] -> one PIL grid, upscaled with nearest neighbours for viewing."""
+    pixels = ((images.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    n, c, s, _ = pixels.shape
+    rows = math.ceil(n / columns)
+    grid = torch.full((c, rows * s, columns * s), 255, dtype=torch.uint8)
+    for i, img in enumerate(pixels):
+        r, col = divmod(i, columns)
+        grid[:, r * s : (r + 1) * s, col * s : (col + 1) * s] = img
+    array = grid.permute(1, 2, 0).numpy()
+    return Image.fromarray(array).resize((columns * s * scale, rows * s * scale), Image.NEAREST)
+
+
+def train(
+    cfg: Config, output_dir: str | None = None, resume: str | None = None, progress: bool = True
+) -> Path:
+    """Train `cfg` and return the run folder (which holds the exported model under model/)."""
+    t = cfg.train
+    # 1. Run folder (decided on the main process and shared), accelerator, logging.
+    run_dir = choose_run_dir(cfg, output_dir, resume) if output_dir or resume else None
+    accelerator = Accelerator(
+        # Several processes without a GPU (torchrun, or `accelerate launch --multi_gpu`) train on
+        # the CPU over gloo; accelerate only picks that backend when told the device is the CPU.
+        cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available(),
+        mixed_precision=t.mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir="."),
+    )
+    if run_dir is None:
+        shared = [choose_run_dir(cfg, None, None) if accelerator.is_main_process else None]
+        run_dir = Path(broadcast_object_list(shared)[0])
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    setup_logging(run_dir, main)
+    if main:
+        save_config(cfg, run_dir / "config.yaml")
+        accelerator.init_trackers(str(run_dir / "tensorboard"))
+    logger.info("run folder: %s (%d process(es), device %s)", run_dir, accelerator.num_processes, accelerator.device)
+
+    # 2. Data and text encoder, prepared once on the main process and cached.
+    cache_dir = Path(cfg.cache_dir)
+    with accelerator.main_process_first():
+        train_dir, _ = prepare_dataset(cfg.data, cache_dir, progress=progress and main)
+        encoder_source = prepare_text_encoder(cfg.text_encoder, cfg.data, cache_dir, progress=progress and main)
+    dataset = CaptionedImageFolder(
+        train_dir, cfg.data.image_size, cfg.data.caption_column, cfg.data.skip_bad_rows, cfg.data.hflip
+    )
+    encoder = TextEncoder.from_pretrained(encoder_source).to(accelerator.device)
+    captions = list(dataset.captions) + list(t.validation_prompts)
+    if cfg.data.hflip:
+        captions += [swap_left_right(c) for c in dataset.captions]
+    text_cache = TextStateCache(encoder, captions, progress=progress and main)
+    logger.info("dataset: %d images, %d distinct captions from %s", len(dataset), len(text_cache.row) - 1, train_dir)
+
+    # 3. Model, EMA, optimizer and learning-rate schedule; identical on every process.
+    set_seed(t.seed)
+    unet = build_unet(cfg, encoder.hidden_size)
+    logger.info("UNet: %.2fM parameters", sum(p.numel() for p in unet.parameters()) / 1e6)
+    ema = EMAModel(
+        unet.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup, power=3 / 4,
+        model_cls=UNet, model_config=unet.config,
+    )
+    optimizer = torch.optim.AdamW(
+        unet.parameters(), lr=t.learning_rate, betas=(0.9, t.adam_beta2), weight_decay=t.weight_decay
+    )
+    if t.lr_schedule == "cosine":
+        lr_schedule = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
+    else:
+        lr_schedule = get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    ema.to(accelerator.device)
+    accelerator.register_for_checkpointing(lr_schedule, ema)
+    noise_scheduler = make_noise_scheduler(cfg.noise)
+
+    # 4. Resume, or start from step 0 with a per-process noise stream.
+    step = 0
+    if resume is not None:
+        checkpoint = resolve_resume(run_dir, resume)
+        accelerator.load_state(str(checkpoint))
+        step = read_state(checkpoint)["step"]
+        logger.info("resumed from %s at step %d", checkpoint, step)
+    else:
+        torch.manual_seed(t.seed + 7919 * (accelerator.process_index + 1))
+    order = BatchOrder(len(dataset), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
+
+    def save_checkpoint() -> None:
+        final = run_dir / "checkpoints" / f"checkpoint-{step:06d}"
+        tmp = staging_dir(final) if main else final.parent / f".{final.name}.partial"
+        accelerator.wait_for_everyone()  # every process writes its random state into tmp
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if main:
+            save_config(cfg, tmp / "config.yaml")
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step}) + "\n")
+            commit_dir(tmp, final)
+            prune_checkpoints(run_dir / "checkpoints", t.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    def with_ema_weights(fn):
+        model = accelerator.unwrap_model(unet)
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+        try:
+            return fn(model)
+        finally:
+            ema.restore(model.parameters())
+
+    def validate() -> None:
+        prompts = list(t.validation_prompts)
+        images = with_ema_weights(
+            lambda model: sample_with_cache(model, noise_scheduler, text_cache, prompts, t, accelerator.device)
+        )
+        grid = image_grid(images, columns=len(prompts))
+        (run_dir / "validation").mkdir(exist_ok=True)
+        grid.save(run_dir / "validation" / f"step_{step:06d}.png")
+        (run_dir / "validation" / "prompts.json").write_text(json.dumps(prompts, indent=1) + "\n")
+        accelerator.get_tracker("tensorboard").writer.add_image(
+            "validation", np.asarray(grid), step, dataformats="HWC"
+        )
+
+    # 5. The loop: one optimizer update per `gradient_accumulation_steps` micro-batches.
+    accum = t.gradient_accumulation_steps
+    micro_step = step * accum
+    bar = tqdm(total=t.max_steps, initial=step, desc="training", disable=not (progress and main), dynamic_ncols=True)
+    started = time.monotonic()
+    window_start, window_images, window_losses = time.monotonic(), 0, []
+    while step < t.max_steps:
+        rows = order.rows(micro_step)
+        items = [dataset[int(i)] for i in rows]
+        images = torch.stack([item["pixel_values"] for item in items]).to(accelerator.device)
+        caption_rows = text_cache.rows([item["caption"] for item in items])
+        dropped = torch.rand(len(items)) < t.caption_dropout  # classifier-free guidance: learn the null prompt
+        caption_rows[dropped] = TextStateCache.NULL_ROW
+        context, context_mask = text_cache.lookup(caption_rows, accelerator.device)
+        with accelerator.accumulate(unet):
+            loss = diffusion_loss(unet, noise_scheduler, images, context, context_mask, t.min_snr_gamma)
+            if not torch.isfinite(loss):
+                last = list_checkpoints(run_dir / "checkpoints")
+                kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+                raise TrainingError(
+                    f"the loss became {loss.item()} at step {step}; training stopped and {kept}. "
+                    "Lower train.learning_rate, or use mixed_precision: no."
+                )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and t.grad_clip > 0:
+                accelerator.clip_grad_norm_(unet.parameters(), t.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro_step += 1
+        window_images += len(items) * accelerator.num_processes
+        window_losses.append(loss.item())
+        if not accelerator.sync_gradients:
+            continue
+        lr_schedule.step()
+        ema.step(unet.parameters())
+        step += 1
+        bar.update(1)
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            elapsed = time.monotonic() - window_start
+            scalars = {
+                "loss": sum(window_losses) / len(window_losses),
+                "learning_rate": lr_schedule.get_last_lr()[0],
+                "images_per_sec": window_images / max(elapsed, 1e-9),
+            }
+            accelerator.log(scalars, step=step)
+            bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_sec']:.0f}")
+            logger.info("step %d loss %.4f lr %.2e %.0f img/s", step, *scalars.values())
+            window_start, window_images, window_losses = time.monotonic(), 0, []
+        out_of_time = t.max_minutes > 0 and time.monotonic() - started > 60 * t.max_minutes
+        if out_of_time:
+            logger.info("train.max_minutes=%g reached at step %d", t.max_minutes, step)
+        if step % t.checkpoint_every == 0 or step == t.max_steps or out_of_time:
+            save_checkpoint()
+        if main and t.validate_every > 0 and (step % t.validate_every == 0 or step == t.max_steps or out_of_time):
+            validate()
+        if out_of_time:
+            break
+    bar.close()
+
+    # 6. Export the EMA weights with everything the sampler needs.
+    accelerator.wait_for_everyone()
+    checksums = accelerator.gather(parameter_checksum(unet)[None]).cpu()  # (processes, parameters)
+    replicas_identical = bool((checksums == checksums[0]).all())
+    if not replicas_identical:
+        logger.warning("the %d processes ended with different weights", accelerator.num_processes)
+    if main:
+        export_dir = run_dir / "model"
+        tmp = staging_dir(export_dir)
+        with_ema_weights(lambda model: model.save_pretrained(tmp / "unet"))
+        noise_scheduler.save_pretrained(tmp / "scheduler")
+        encoder.save_pretrained(tmp)
+        save_config(cfg, tmp / "config.yaml")
+        (tmp / "training_info.json").write_text(
+            json.dumps(
+                {
+                    "step": step,
+                    "text_encoder_source": encoder_source,
+                    "processes": accelerator.num_processes,
+                    "replicas_identical": replicas_identical,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
+        commit_dir(tmp, export_dir)
+        logger.info("exported the EMA model to %s; sample with: python sample.py --model %s --prompt ...", export_dir, run_dir)
+    accelerator.end_training()
+    return run_dir
+
+
+def parameter_checksum(model: torch.nn.Module) -> torch.Tensor:
+    """One float64 sum per parameter tensor: equal across processes iff (practically) the weights are."""
+    return torch.stack([p.detach().double().sum() for p in model.parameters()])
+
+
+def sample_with_cache(
+    unet: UNet, noise_scheduler, text_cache: TextStateCache, prompts: list[str], t, device
+) -> torch.Tensor:
+    """Validation images for `prompts` (one fixed seed each) from cached text states."""
+    context, mask = text_cache.lookup(text_cache.rows(prompts), device)
+    null_context, null_mask = text_cache.lookup(torch.tensor([TextStateCache.NULL_ROW]), device)
+    scheduler = make_sampling_scheduler("ddim", noise_scheduler.config)
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    return sample(
+        unet, scheduler, context, mask, null_context, null_mask, generators,
+        num_steps=t.validation_steps, guidance_scale=t.validation_guidance,
+    )

@@ -1,0 +1,168 @@
+"""Training on the tiny preset: the loop, checkpoints, resume, several processes, and the errors."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion.checkpoints import CheckpointError, list_checkpoints
+from diffusion.config import ConfigError, load_config
+from diffusion.objective import diffusion_loss, make_noise_scheduler
+from diffusion.training import TrainingError, build_unet, train
+
+ROOT = Path(__file__).parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """Dataset and tiny CLIP for the tiny preset, built once for the whole session."""
+    from diffusion.prepare import prepare_text_encoder
+
+    cache = tmp_path_factory.mktemp("cache")
+    cfg = tiny_config(cache)
+    prepare_text_encoder(cfg.text_encoder, cfg.data, cache, progress=False)
+    return cache
+
+
+def tiny_config(cache_dir, *overrides):
+    return load_config(TINY, [f"cache_dir={cache_dir}", *overrides])
+
+
+def exported_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="session")
+def finished_run(cache_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    train(tiny_config(cache_dir), output_dir=str(run_dir), progress=False)
+    return run_dir
+
+
+def test_run_folder_holds_everything(finished_run):
+    run = finished_run
+    assert (run / "config.yaml").is_file() and (run / "train.log").is_file()
+    assert "loss" in (run / "train.log").read_text()
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    steps = [step for step, _ in list_checkpoints(run / "checkpoints")]
+    assert steps == [20, 40]  # every 20 steps, the last 2 kept
+    assert not list((run / "checkpoints").glob(".*"))  # no staging folders left behind
+    assert (run / "validation" / "step_000040.png").is_file()
+    for part in ("unet/config.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+                 "tokenizer/tokenizer_config.json", "config.yaml"):
+        assert (run / "model" / part).is_file(), part
+    info = json.loads((run / "model" / "training_info.json").read_text())
+    assert info["step"] == 40
+
+
+def test_same_seed_same_training(cache_dir, finished_run, tmp_path):
+    again = tmp_path / "again"
+    train(tiny_config(cache_dir), output_dir=str(again), progress=False)
+    first, second = exported_weights(finished_run), exported_weights(again)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_resume_continues_exactly(finished_run, tmp_path):
+    # Pretend the run was killed just after its step-20 checkpoint, then resume it.
+    killed = tmp_path / "killed"
+    shutil.copytree(finished_run, killed)
+    shutil.rmtree(killed / "checkpoints" / "checkpoint-000040")
+    shutil.rmtree(killed / "model")
+    cfg = load_config(killed / "config.yaml")
+    train(cfg, output_dir=str(killed), resume="latest", progress=False)
+    uninterrupted, resumed = exported_weights(finished_run), exported_weights(killed)
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(cache_dir):
+    cfg = tiny_config(cache_dir)
+    torch.manual_seed(0)
+    unet = build_unet(cfg, context_dim=8)
+    scheduler = make_noise_scheduler(cfg.noise)
+    images = torch.rand(8, 3, 16, 16) * 2 - 1
+    context, mask = torch.randn(8, 5, 8), torch.ones(8, 5, dtype=torch.bool)
+
+    def fixed_loss():
+        torch.manual_seed(123)  # the same timesteps and noise every time
+        return diffusion_loss(unet, scheduler, images, context, mask)
+
+    optimizer = torch.optim.Adam(unet.parameters(), lr=2e-3)
+    before = fixed_loss().item()
+    for _ in range(15):
+        optimizer.zero_grad()
+        fixed_loss().backward()
+        optimizer.step()
+    assert fixed_loss().item() < 0.7 * before
+
+
+def test_taken_run_folder_and_missing_checkpoint(cache_dir, finished_run, tmp_path):
+    with pytest.raises(TrainingError, match="already holds a run.*--resume latest"):
+        train(tiny_config(cache_dir), output_dir=str(finished_run), progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
+        train(tiny_config(cache_dir), output_dir=str(empty), resume="latest", progress=False)
+
+
+def test_bad_attention_resolution_is_a_config_error(cache_dir, tmp_path):
+    cfg = tiny_config(cache_dir, "unet.cross_attention_resolutions=[4]")
+    with pytest.raises(ConfigError, match=r"asks for \[4\].*choose from \[16, 8\]"):
+        train(cfg, output_dir=str(tmp_path / "run"), progress=False)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(cache_dir, tmp_path):
+    cfg = tiny_config(cache_dir, "train.learning_rate=1e30", "train.warmup_steps=0", "train.grad_clip=0.0",
+                      "train.checkpoint_every=1", "train.validate_every=0")
+    run = tmp_path / "diverged"
+    with pytest.raises(TrainingError, match="the loss became .* the last good checkpoint is"):
+        train(cfg, output_dir=str(run), progress=False)
+    assert list_checkpoints(run / "checkpoints")
+    assert not (run / "model").exists()
+
+
+def test_cli_reports_user_errors_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", str(TINY), "train.batch_sise=3"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "unknown key(s) batch_sise" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dry_run_prints_config_and_size(cache_dir):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", str(TINY), "--dry-run", f"cache_dir={cache_dir}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "UNet parameters:" in result.stdout and "learning_rate: 0.002" in result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_keep_identical_replicas(cache_dir, tmp_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+         "--dynamo_backend", "no", "train.py",
+         "--config", str(TINY), "--output-dir", str(run), "--no-progress", f"cache_dir={cache_dir}",
+         "train.max_steps=10", "train.batch_size=8", "train.validate_every=0"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((run / "model" / "training_info.json").read_text())
+    assert info["processes"] == 2 and info["replicas_identical"] is True
