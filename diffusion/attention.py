@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class AttentionRecorder(Protocol):
@@ -35,6 +36,11 @@ def attention(
     """
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
     if not return_probs:
+        if q.device.type == "cpu" and torch.is_grad_enabled():
+            # PyTorch's CPU flash kernel is fast forward but its backward is 3-7x slower than the
+            # math kernel at our sizes (few keys, short heads); see BENCHMARKS.md.
+            with sdpa_kernel(SDPBackend.MATH):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
     # 1. Similarities of every query with every key, scaled by 1/sqrt(d).
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, h, N, T)

@@ -199,9 +199,15 @@ class CaptionedImageFolder(Dataset):
         return len(self.captions)
 
     def __getitem__(self, index: int) -> dict:
-        pixels = self.images[index].float() / 127.5 - 1.0  # (3, S, S) in [-1, 1]
-        caption = self.captions[index]
-        if self.hflip and torch.rand(()) < 0.5:
-            pixels = pixels.flip(-1)
-            caption = swap_left_right(caption)
-        return {"pixel_values": pixels, "caption": caption, "index": index}
+        pixels, captions = self.batch(torch.tensor([index]))
+        return {"pixel_values": pixels[0], "caption": captions[0], "index": index}
+
+    def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        """Many items at once: pixels float32 (B, 3, S, S) in [-1, 1] and their captions."""
+        pixels = self.images[rows].float() / 127.5 - 1.0  # (B, 3, S, S)
+        captions = [self.captions[i] for i in rows.tolist()]
+        if self.hflip:
+            flipped = torch.rand(len(captions)) < 0.5
+            pixels[flipped] = pixels[flipped].flip(-1)
+            captions = [swap_left_right(c) if f else c for c, f in zip(captions, flipped.tolist())]
+        return pixels, captions

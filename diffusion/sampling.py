@@ -6,6 +6,7 @@ conditional half comes first, so a recorder that wants only its maps takes rows 
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -45,13 +46,14 @@ def sample(
     generators: list[torch.Generator],
     num_steps: int = 25,
     guidance_scale: float = 3.0,
-    recorder: AttentionRecorder | None = None,
+    recorder_for_step: Callable[[int, int], AttentionRecorder | None] | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Denoise pure noise into images in [-1, 1]: (B, C, S, S).
 
-    context: (B, T, D) text states of the prompts, context_mask: (B, T); null_*: the empty prompt's,
-    (1, T, D) / (1, T). `callback(step_index, timestep)` runs after every step (e.g. to snapshot maps).
+    context: (B, T, D) text states of the prompts, context_mask: (B, T); null_*: the unconditional
+    (empty or negative) prompt's, (1 or B, T, D) / (1 or B, T). `recorder_for_step(i, t)` gives the
+    attention recorder to pass to the UNet at step i (or None); `callback(i, t)` runs after step i.
     """
     b = context.shape[0]
     size = unet.config.sample_size
@@ -63,8 +65,11 @@ def sample(
         # Conditional rows first, then the unconditional ones: (2B, T, D).
         context = torch.cat([context, null_context.expand(b, -1, -1)])
         context_mask = torch.cat([context_mask, null_mask.expand(b, -1)])
+    # Schedulers that add noise in their step (DDPM) draw it from each image's own generator.
+    step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(scheduler.timesteps):
         # 1. Model output for the conditional and unconditional rows in one pass.
+        recorder = recorder_for_step(i, int(t)) if recorder_for_step is not None else None
         x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
         out = unet(x_in, t.expand(x_in.shape[0]), context, context_mask, recorder=recorder)
         # 2. Classifier-free guidance: uncond + w (cond - uncond).
@@ -72,7 +77,7 @@ def sample(
             cond, uncond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
         # 3. One scheduler step towards t-1.
-        x = scheduler.step(out, t, x).prev_sample
+        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
         if callback is not None:
             callback(i, int(t))
     return x.clamp(-1, 1)

@@ -273,10 +273,10 @@ def train(
     window_start, window_images, window_losses = time.monotonic(), 0, []
     while step < t.max_steps:
         rows = order.rows(micro_step)
-        items = [dataset[int(i)] for i in rows]
-        images = torch.stack([item["pixel_values"] for item in items]).to(accelerator.device)
-        caption_rows = text_cache.rows([item["caption"] for item in items])
-        dropped = torch.rand(len(items)) < t.caption_dropout  # classifier-free guidance: learn the null prompt
+        images, captions = dataset.batch(rows)
+        images = images.to(accelerator.device)
+        caption_rows = text_cache.rows(captions)
+        dropped = torch.rand(len(captions)) < t.caption_dropout  # classifier-free guidance: learn the null prompt
         caption_rows[dropped] = TextStateCache.NULL_ROW
         context, context_mask = text_cache.lookup(caption_rows, accelerator.device)
         with accelerator.accumulate(unet):
@@ -294,7 +294,7 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         micro_step += 1
-        window_images += len(items) * accelerator.num_processes
+        window_images += len(captions) * accelerator.num_processes
         window_losses.append(loss.item())
         if not accelerator.sync_gradients:
             continue

@@ -10,41 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from diffusion.checkpoints import CheckpointError, list_checkpoints
 from diffusion.config import ConfigError, load_config
 from diffusion.objective import diffusion_loss, make_noise_scheduler
 from diffusion.training import TrainingError, build_unet, train
 
-ROOT = Path(__file__).parent.parent
-TINY = ROOT / "configs" / "tiny.yaml"
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """Dataset and tiny CLIP for the tiny preset, built once for the whole session."""
-    from diffusion.prepare import prepare_text_encoder
-
-    cache = tmp_path_factory.mktemp("cache")
-    cfg = tiny_config(cache)
-    prepare_text_encoder(cfg.text_encoder, cfg.data, cache, progress=False)
-    return cache
-
-
-def tiny_config(cache_dir, *overrides):
-    return load_config(TINY, [f"cache_dir={cache_dir}", *overrides])
-
-
-def exported_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors")
-
-
-@pytest.fixture(scope="session")
-def finished_run(cache_dir, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    train(tiny_config(cache_dir), output_dir=str(run_dir), progress=False)
-    return run_dir
+from conftest import ROOT, TINY, exported_weights, tiny_config
 
 
 def test_run_folder_holds_everything(finished_run):

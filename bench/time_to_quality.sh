@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Time to quality: train the CPU default config for 10, 20 and 40 minutes of training-loop time
+# (one run, resumed at each mark), keeping the exported model at every mark and sampling the same
+# prompts and seeds from each. Run it alone: other jobs on the same cores slow training many times.
+#
+#   bash bench/time_to_quality.sh [RUN_DIR]        (default outputs/runs/time-to-quality)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUN=${1:-outputs/runs/time-to-quality}
+CONFIG=configs/cpu.yaml
+previous=0
+for minutes in 10 20 40; do
+  segment=$((minutes - previous))
+  resume=()
+  [ "$previous" -gt 0 ] && resume=(--resume latest)
+  python train.py --config "$CONFIG" --output-dir "$RUN" "${resume[@]}" --no-progress \
+    train.max_minutes="$segment" train.validate_every=0
+  rm -rf "$RUN/model-${minutes}min"
+  cp -r "$RUN/model" "$RUN/model-${minutes}min"
+  python sample.py --model "$RUN/model-${minutes}min" --prompts-file bench/prompts.txt --seeds 0-3 \
+    --no-maps --no-progress --overwrite --out "$RUN/samples-${minutes}min"
+  python bench/sample_grid.py "$RUN/samples-${minutes}min" bench/prompts.txt 4 "$RUN/grid-${minutes}min.png"
+  previous=$minutes
+done
+grep -E "step [0-9]+ loss" "$RUN/train.log" | awk '{print $4, $6}' > "$RUN/loss.tsv"
+echo "loss curve: $RUN/loss.tsv; grids: $RUN/grid-{10,20,40}min.png"

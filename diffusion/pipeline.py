@@ -1,0 +1,172 @@
+"""The text-to-image pipeline: load an exported model, call it with prompts, get images and maps.
+
+A `diffusers.DiffusionPipeline`, so `save_pretrained` / `from_pretrained` read and write the
+usual folder (model_index.json + unet/ + scheduler/ + text_encoder/ + tokenizer/).
+
+    pipe = TextToImagePipeline.from_run("outputs/runs/cpu")
+    out = pipe(["a red circle"], seeds=[0], return_attention=True)
+    out.images[0].save("red.png"); out.attention[0].words  # ['a', 'red', 'circle']
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from diffusion.attention_maps import AttentionAggregator, AttentionMaps, MapSettings
+from diffusion.errors import UserError
+from diffusion.prompt_tokens import PromptTokens, prompt_tokens
+from diffusion.sampling import SCHEDULERS, make_sampling_scheduler, sample
+from diffusion.text_encoder import TextEncoder
+from diffusion.unet import UNet
+
+
+class ModelLoadError(UserError, OSError):
+    """A --model folder that is neither a run folder nor an exported model."""
+
+
+@dataclass
+class ImageAttention:
+    """The maps of one image: arrays (T, S, S) over its kept tokens, plus the token -> word key."""
+
+    tokens: PromptTokens
+    global_map: torch.Tensor  # (T, S, S)
+    layers: dict[str, torch.Tensor]  # layer name -> (T, S, S)
+    snapshots: dict[int, torch.Tensor]  # step index -> (T, S, S)
+    steps_aggregated: list[int]
+    layer_resolutions: dict[str, int]
+    settings: MapSettings
+
+    def word_maps(self, maps: torch.Tensor | None = None) -> torch.Tensor:
+        """(W, S, S): each word's map, the mean of its tokens' maps."""
+        maps = self.global_map if maps is None else maps
+        if not self.tokens.words:
+            return maps.new_zeros((0, *maps.shape[1:]))
+        return torch.stack([maps[self.tokens.token_indices(w)].mean(0) for w in range(len(self.tokens.words))])
+
+
+@dataclass
+class PipelineOutput:
+    images: list[Image.Image]
+    attention: list[ImageAttention] | None
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, S, S) in [-1, 1] -> PIL images."""
+    pixels = ((images.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """A run folder (holding model/) or an exported model folder itself."""
+    path = Path(path)
+    for candidate in (path / "model", path):
+        if (candidate / "unet" / "config.json").is_file():
+            return candidate
+    if (path / "checkpoints").is_dir():
+        raise ModelLoadError(
+            f"{path} is a run folder without an exported model (training has not finished). Finish or resume it "
+            f"with: python train.py --output-dir {path} --resume latest"
+        )
+    raise ModelLoadError(
+        f"{path} is not a run folder or an exported model: expected {path}/model/unet/config.json or "
+        f"{path}/unet/config.json. Pass --model the folder that train.py wrote (outputs/runs/<name>)."
+    )
+
+
+class TextToImagePipeline(DiffusionPipeline):
+    def __init__(self, unet: UNet, scheduler, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+
+    @classmethod
+    def from_run(cls, path: str | Path, device: str | torch.device = "cpu") -> TextToImagePipeline:
+        """Load from a run folder or an exported model (what train.py writes)."""
+        folder = find_model_dir(path)
+        encoder = TextEncoder.from_exported(folder)
+        unet = UNet.from_pretrained(folder / "unet")
+        scheduler = make_sampling_scheduler("ddim", json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
+        if unet.config.context_dim != encoder.hidden_size:
+            raise ModelLoadError(
+                f"{folder}: the UNet expects text states of width {unet.config.context_dim} but the text encoder "
+                f"gives {encoder.hidden_size}; the model folder mixes parts of different runs"
+            )
+        return cls(unet.eval(), scheduler, encoder.model, encoder.tokenizer).to(device)
+
+    @property
+    def encoder(self) -> TextEncoder:
+        return TextEncoder(self.tokenizer, self.text_encoder)
+
+    def use_scheduler(self, name: str) -> None:
+        """Swap the sampler (ddim, dpm++, euler, ddpm), keeping the trained noise schedule."""
+        self.scheduler = make_sampling_scheduler(name, self.scheduler.config)
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder.encode(prompts)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        num_steps: int = 25,
+        guidance_scale: float = 3.0,
+        negative_prompt: str = "",
+        return_attention: bool = False,
+        map_settings: MapSettings | None = None,
+        callback=None,
+    ) -> PipelineOutput:
+        """One image per (prompt, seed) pair, all in one batch."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        if num_steps < 1:
+            raise UserError(f"the number of steps must be at least 1, got {num_steps}")
+        if guidance_scale < 0:
+            raise UserError(f"the guidance scale must be >= 0 (1 = no guidance), got {guidance_scale}")
+        context, mask = self.encode(prompts)  # (B, T, D), (B, T)
+        null_context, null_mask = self.encode([negative_prompt])  # (1, T, D), (1, T)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        aggregator = None
+        if return_attention:
+            aggregator = AttentionAggregator(len(prompts), self.unet.config.sample_size, map_settings)
+
+        def after_step(i: int, t: int) -> None:
+            if aggregator is not None:
+                aggregator.after_step(i, t)
+            if callback is not None:
+                callback(i, t)
+
+        images = sample(
+            self.unet, self.scheduler, context, mask, null_context, null_mask, generators,
+            num_steps=num_steps, guidance_scale=guidance_scale,
+            recorder_for_step=aggregator.recorder_for_step if aggregator else None, callback=after_step,
+        )
+        attention = self._per_image(aggregator.result(), prompts, aggregator.settings) if aggregator else None
+        return PipelineOutput(images=to_pil(images), attention=attention)
+
+    def _per_image(self, maps: AttentionMaps, prompts: list[str], settings: MapSettings) -> list[ImageAttention]:
+        """Split batch maps into each image's own, keeping only its prompt's kept tokens."""
+        resolutions = self.unet.cross_attention_layers
+        result = []
+        for b, prompt in enumerate(prompts):
+            tokens = prompt_tokens(self.tokenizer, prompt, self.encoder.max_length)
+            kept = slice(0, tokens.end_token + 1)
+            result.append(
+                ImageAttention(
+                    tokens=tokens,
+                    global_map=maps.global_map[b, kept],
+                    layers={name: m[b, kept] for name, m in maps.layers.items()},
+                    snapshots={i: m[b, kept] for i, m in maps.snapshots.items()},
+                    steps_aggregated=maps.steps_aggregated,
+                    layer_resolutions=resolutions,
+                    settings=settings,
+                )
+            )
+        return result

@@ -1,0 +1,102 @@
+"""Generate images from prompts, with each word's cross-attention map saved beside each image.
+
+    python sample.py --model outputs/runs/cpu --prompt "a red circle left of a blue square"
+    python sample.py --model outputs/runs/cpu --prompt "a red circle" --prompt "a blue star" --seeds 0-15
+    python sample.py --model outputs/runs/cpu --prompts-file prompts.txt --scheduler dpm++ --steps 20
+    python sample.py --model outputs/runs/cpu --prompt "a green square" --no-maps
+
+Images go to outputs/samples/<run name>/ (or --out) as <prompt>_seed<N>.png, and the maps to
+<prompt>_seed<N>.attn/ (grid.png, words/*.png, maps.npz, manifest.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from diffusion.errors import UserError, exit_on_user_error
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a run folder (outputs/runs/<name>) or an exported model folder")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); \"\" samples unconditionally")
+    parser.add_argument("--prompts-file", help="a text file with one prompt per line")
+    parser.add_argument("--negative-prompt", default="", help="what guidance steers away from (default: the empty prompt)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed; images use seed, seed+1, ... (default 0)")
+    parser.add_argument("--seeds", help="explicit seeds, e.g. 0-15 or 1,5,9 (overrides --seed/--num-images)")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1 = none (default 3)")
+    parser.add_argument("--scheduler", default="ddim", help="ddim (default), dpm++, euler or ddpm")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    parser.add_argument("--out", help="output folder (default outputs/samples/<run name>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing images with the same names")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    maps = parser.add_argument_group("attention maps")
+    maps.add_argument("--no-maps", action="store_true", help="do not record or save attention maps")
+    maps.add_argument("--maps-every", type=int, default=0, help="also save the map after every N-th step")
+    maps.add_argument("--maps-timesteps", help="aggregate only timesteps in LOW-HIGH, e.g. 0-500")
+    maps.add_argument("--no-layer-maps", action="store_true", help="save only the global map, not each layer's")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.guidance < 0:
+        raise UserError(f"--guidance must be >= 0 (1 turns guidance off), got {args.guidance}")
+    if args.num_images < 1 or args.batch_size < 1:
+        raise UserError("--num-images and --batch-size must be at least 1")
+    if not args.prompt and not args.prompts_file:
+        raise UserError('give at least one --prompt "..." or a --prompts-file')
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    from diffusion.attention_maps import MapSettings
+    from diffusion.generate import generate, parse_seeds, plan_jobs, read_prompts_file
+    from diffusion.pipeline import TextToImagePipeline, find_model_dir
+    from diffusion.sampling import SCHEDULERS
+
+    if args.scheduler not in SCHEDULERS:
+        raise UserError(f"unknown --scheduler {args.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+    prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
+    seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.seed, args.seed + args.num_images))
+    window = None
+    if args.maps_timesteps:
+        low, _, high = args.maps_timesteps.partition("-")
+        if not (low.isdigit() and high.isdigit()):
+            raise UserError(f"--maps-timesteps {args.maps_timesteps!r}: write it as LOW-HIGH, e.g. 0-500")
+        window = (int(low), int(high))
+    settings = None if args.no_maps else MapSettings(
+        keep_layers=not args.no_layer_maps, snapshot_every=args.maps_every, timestep_range=window
+    )
+
+    model_dir = find_model_dir(args.model)
+    run_name = model_dir.parent.name if model_dir.name == "model" else model_dir.name
+    out_dir = Path(args.out) if args.out else Path("outputs/samples") / run_name
+    jobs = plan_jobs(prompts, seeds)
+    from diffusion.generate import check_outputs_free
+
+    check_outputs_free(jobs, out_dir, args.overwrite)
+    pipe = TextToImagePipeline.from_run(model_dir, device=args.device)
+    pipe.use_scheduler(args.scheduler)
+    written = generate(
+        pipe, jobs, out_dir, args.batch_size, args.steps, args.guidance, args.negative_prompt, settings,
+        extra_manifest={
+            "model": str(model_dir.resolve()), "scheduler": args.scheduler, "steps": args.steps,
+            "guidance_scale": args.guidance, "negative_prompt": args.negative_prompt,
+        },
+        progress=not args.no_progress,
+    )
+    print(f"wrote {len(written)} image(s) to {out_dir}" + ("" if args.no_maps else " with their attention maps (*.attn/)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
