@@ -123,3 +123,20 @@ class SelfAttention(nn.Module):
         out, _ = attention(q, k, v, key_mask=None, return_probs=False)
         out = self.to_out(_merge_heads(out))  # (B, HW, C)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class FeedForward(nn.Module):
+    """Per-pixel gated MLP after attention (GEGLU, as in transformer blocks); residual, zero-initialised."""
+
+    def __init__(self, channels: int, mult: int, norm_groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(norm_groups, channels)
+        self.to_hidden = nn.Linear(channels, 2 * mult * channels)
+        self.to_out = nn.Linear(mult * channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        pixels = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        value, gate = self.to_hidden(pixels).chunk(2, dim=-1)  # (B, HW, mult*C) each
+        out = self.to_out(value * F.gelu(gate))  # (B, HW, C)
+        return x + out.transpose(1, 2).reshape(b, c, h, w)

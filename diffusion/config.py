@@ -58,6 +58,8 @@ class UNetConfig:
     head_dim: int = 32
     norm_groups: int = 8
     dropout: float = 0.0
+    # Width multiple of a gated feed-forward after each cross-attention layer (0: none).
+    ff_mult: int = 0
 
 
 @dataclass

@@ -110,6 +110,7 @@ class CaptionedImageFolder(Dataset):
         caption_column: str = "text",
         skip_bad_rows: bool = False,
         hflip: bool = False,
+        progress: bool = True,
     ):
         self.root = Path(root)
         self.image_size = image_size
@@ -117,6 +118,7 @@ class CaptionedImageFolder(Dataset):
         self.skip_bad_rows = skip_bad_rows
         self.hflip = hflip
         self.metadata_path = self.root / METADATA_FILE
+        self.progress = progress
 
         lines = self.read_metadata_lines()
         self.rows: list[dict] = []  # raw metadata of the kept rows, e.g. ground-truth objects
@@ -156,7 +158,7 @@ class CaptionedImageFolder(Dataset):
 
     def decode_rows(self, lines: list[tuple[int, str]]) -> list[np.ndarray]:
         images = []
-        bar = tqdm(lines, desc=f"loading {self.root.name}", unit="img", disable=len(lines) <= PROGRESS_MIN_IMAGES)
+        bar = tqdm(lines, desc=f"loading {self.root.name}", unit="img", disable=not self.progress or len(lines) <= PROGRESS_MIN_IMAGES)
         for number, line in bar:
             try:
                 row, image = self.decode_row(line)

@@ -10,7 +10,6 @@ usual folder (model_index.json + unet/ + scheduler/ + text_encoder/ + tokenizer/
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from diffusion.attention_maps import AttentionAggregator, AttentionMaps, MapSettings
 from diffusion.errors import UserError
 from diffusion.prompt_tokens import PromptTokens, prompt_tokens
-from diffusion.sampling import SCHEDULERS, make_sampling_scheduler, sample
+from diffusion.sampling import make_sampling_scheduler, sample
 from diffusion.text_encoder import TextEncoder
 from diffusion.unet import UNet
 
@@ -68,7 +67,7 @@ def find_model_dir(path: str | Path) -> Path:
     """A run folder (holding model/) or an exported model folder itself."""
     path = Path(path)
     for candidate in (path / "model", path):
-        if (candidate / "unet" / "config.json").is_file():
+        if (candidate / "model_index.json").is_file():
             return candidate
     if (path / "checkpoints").is_dir():
         raise ModelLoadError(
@@ -76,8 +75,8 @@ def find_model_dir(path: str | Path) -> Path:
             f"with: python train.py --output-dir {path} --resume latest"
         )
     raise ModelLoadError(
-        f"{path} is not a run folder or an exported model: expected {path}/model/unet/config.json or "
-        f"{path}/unet/config.json. Pass --model the folder that train.py wrote (outputs/runs/<name>)."
+        f"{path} is not a run folder or an exported model: expected {path}/model/model_index.json or "
+        f"{path}/model_index.json. Pass --model the folder that train.py wrote (outputs/runs/<name>)."
     )
 
 
@@ -90,15 +89,18 @@ class TextToImagePipeline(DiffusionPipeline):
     def from_run(cls, path: str | Path, device: str | torch.device = "cpu") -> TextToImagePipeline:
         """Load from a run folder or an exported model (what train.py writes)."""
         folder = find_model_dir(path)
-        encoder = TextEncoder.from_exported(folder)
-        unet = UNet.from_pretrained(folder / "unet")
-        scheduler = make_sampling_scheduler("ddim", json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
-        if unet.config.context_dim != encoder.hidden_size:
+        try:
+            pipe = cls.from_pretrained(folder)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"{folder}: could not load the exported model ({error})") from error
+        width = pipe.text_encoder.config.hidden_size
+        if pipe.unet.config.context_dim != width:
             raise ModelLoadError(
-                f"{folder}: the UNet expects text states of width {unet.config.context_dim} but the text encoder "
-                f"gives {encoder.hidden_size}; the model folder mixes parts of different runs"
+                f"{folder}: the UNet expects text states of width {pipe.unet.config.context_dim} but the text "
+                f"encoder gives {width}; the model folder mixes parts of different runs"
             )
-        return cls(unet.eval(), scheduler, encoder.model, encoder.tokenizer).to(device)
+        pipe.unet.eval()
+        return pipe.to(device)
 
     @property
     def encoder(self) -> TextEncoder:

@@ -51,12 +51,19 @@ def prepare_dataset(data: DataConfig, cache_dir: Path, progress: bool = True) ->
 
 
 def prepare_text_encoder(
-    text: TextEncoderConfig, data: DataConfig, cache_dir: Path, progress: bool = True
+    text: TextEncoderConfig,
+    data: DataConfig,
+    cache_dir: Path,
+    progress: bool = True,
+    dataset_dirs: tuple[Path, Path | None] | None = None,
 ) -> str:
-    """The name or path to load the text encoder from; trains our tiny CLIP on first use."""
+    """The name or path to load the text encoder from; trains our tiny CLIP on first use.
+
+    `dataset_dirs`: the (train, test) folders when the caller has prepared them already.
+    """
     if text.name != TINY_CLIP:
         return text.name
-    train_dir, test_dir = prepare_dataset(data, cache_dir, progress)
+    train_dir, test_dir = dataset_dirs or prepare_dataset(data, cache_dir, progress)
     source = asdict(data.shapes) if data.dataset == "shapes" else {"dataset": str(Path(data.dataset).resolve())}
     out = Path(cache_dir) / "text_encoders" / f"tiny-clip-{config_hash(source, asdict(text.tiny_clip))}"
     if (out / "config.json").is_file():

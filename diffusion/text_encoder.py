@@ -89,22 +89,6 @@ class TextEncoder(nn.Module):
             raise TextEncoderLoadError(load_error_message(name_or_path, error)) from error
         return cls(tokenizer, model)
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write `text_encoder/` (CLIPTextModel) and `tokenizer/` under `folder`, diffusers-style."""
-        self.model.save_pretrained(Path(folder) / "text_encoder")
-        self.tokenizer.save_pretrained(Path(folder) / "tokenizer")
-
-    @classmethod
-    def from_exported(cls, folder: str | Path) -> TextEncoder:
-        """Load what `save_pretrained` wrote."""
-        folder = Path(folder)
-        try:
-            model = load_text_tower(str(folder / "text_encoder"))
-            tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        except (OSError, ValueError, RuntimeError) as error:
-            raise TextEncoderLoadError(load_error_message(str(folder), error)) from error
-        return cls(tokenizer, model)
-
     def train(self, mode: bool = True) -> TextEncoder:
         """Frozen: stays in eval mode even when a parent module is put in training mode."""
         return super().train(False)

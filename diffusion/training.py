@@ -39,7 +39,10 @@ from diffusion.data import CaptionedImageFolder, swap_left_right
 from diffusion.errors import UserError
 from diffusion.objective import diffusion_loss, make_noise_scheduler
 from diffusion.prepare import TINY_CLIP, prepare_dataset, prepare_text_encoder
-from diffusion.sampling import make_sampling_scheduler, sample
+from diffusion.attention_maps import MapSettings
+from diffusion.generate import Job, generate
+from diffusion.pipeline import TextToImagePipeline
+from diffusion.sampling import make_sampling_scheduler
 from diffusion.text_cache import TextStateCache
 from diffusion.text_encoder import TextEncoder, TextEncoderLoadError, load_error_message
 from diffusion.unet import UNet
@@ -142,17 +145,14 @@ class BatchOrder:
         return batch[self.rank :: self.world]
 
 
-def image_grid(images: torch.Tensor, columns: int, scale: int = 4) -> Image.Image:
-    """(N, 3, S, S) in [-1, 1] -> one PIL grid, upscaled with nearest neighbours for viewing."""
-    pixels = ((images.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    n, c, s, _ = pixels.shape
-    rows = math.ceil(n / columns)
-    grid = torch.full((c, rows * s, columns * s), 255, dtype=torch.uint8)
-    for i, img in enumerate(pixels):
-        r, col = divmod(i, columns)
-        grid[:, r * s : (r + 1) * s, col * s : (col + 1) * s] = img
-    array = grid.permute(1, 2, 0).numpy()
-    return Image.fromarray(array).resize((columns * s * scale, rows * s * scale), Image.NEAREST)
+def image_grid(images: list[Image.Image], columns: int, scale: int = 4) -> Image.Image:
+    """Tile equally sized images into one grid, upscaled with nearest neighbours for viewing."""
+    width, height = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
 
 
 def train(
@@ -187,13 +187,17 @@ def train(
     # 2. Data and text encoder, prepared once on the main process and cached.
     cache_dir = Path(cfg.cache_dir)
     with accelerator.main_process_first():
-        train_dir, _ = prepare_dataset(cfg.data, cache_dir, progress=progress and main)
-        encoder_source = prepare_text_encoder(cfg.text_encoder, cfg.data, cache_dir, progress=progress and main)
+        dataset_dirs = prepare_dataset(cfg.data, cache_dir, progress=progress and main)
+        encoder_source = prepare_text_encoder(
+            cfg.text_encoder, cfg.data, cache_dir, progress=progress and main, dataset_dirs=dataset_dirs
+        )
+    train_dir = dataset_dirs[0]
     dataset = CaptionedImageFolder(
-        train_dir, cfg.data.image_size, cfg.data.caption_column, cfg.data.skip_bad_rows, cfg.data.hflip
+        train_dir, cfg.data.image_size, cfg.data.caption_column, cfg.data.skip_bad_rows, cfg.data.hflip,
+        progress=progress and main,
     )
     encoder = TextEncoder.from_pretrained(encoder_source).to(accelerator.device)
-    captions = list(dataset.captions) + list(t.validation_prompts)
+    captions = list(dataset.captions)
     if cfg.data.hflip:
         captions += [swap_left_right(c) for c in dataset.captions]
     text_cache = TextStateCache(encoder, captions, progress=progress and main)
@@ -223,8 +227,22 @@ def train(
     step = 0
     if resume is not None:
         checkpoint = resolve_resume(run_dir, resume)
-        accelerator.load_state(str(checkpoint))
-        step = read_state(checkpoint)["step"]
+        state = read_state(checkpoint)
+        if state.get("context_dim", encoder.hidden_size) != encoder.hidden_size:
+            raise TrainingError(
+                f"{checkpoint} was trained with text states of width {state['context_dim']}, but the text encoder "
+                f"{cfg.text_encoder.name!r} gives width {encoder.hidden_size}. Resume with the checkpoint's own "
+                f"config: python train.py --config {checkpoint / 'config.yaml'} --output-dir {run_dir} --resume latest"
+            )
+        try:
+            accelerator.load_state(str(checkpoint))
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise TrainingError(
+                f"{checkpoint} does not fit the model this config builds ({str(error).splitlines()[0][:200]}). Resume "
+                f"with the checkpoint's own config: python train.py --config {checkpoint / 'config.yaml'} "
+                f"--output-dir {run_dir} --resume latest"
+            ) from None
+        step = state["step"]
         logger.info("resumed from %s at step %d", checkpoint, step)
     else:
         torch.manual_seed(t.seed + 7919 * (accelerator.process_index + 1))
@@ -238,7 +256,7 @@ def train(
         accelerator.wait_for_everyone()
         if main:
             save_config(cfg, tmp / "config.yaml")
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step}) + "\n")
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "context_dim": encoder.hidden_size}) + "\n")
             commit_dir(tmp, final)
             prune_checkpoints(run_dir / "checkpoints", t.keep_checkpoints)
         accelerator.wait_for_everyone()
@@ -253,17 +271,23 @@ def train(
             ema.restore(model.parameters())
 
     def validate() -> None:
-        prompts = list(t.validation_prompts)
-        images = with_ema_weights(
-            lambda model: sample_with_cache(model, noise_scheduler, text_cache, prompts, t, accelerator.device)
-        )
-        grid = image_grid(images, columns=len(prompts))
-        (run_dir / "validation").mkdir(exist_ok=True)
+        """Sample the validation prompts with the EMA weights; save images, maps and a grid."""
+        folder = run_dir / "validation" / f"step_{step:06d}"
+        jobs = [Job(prompt, seed=0) for prompt in t.validation_prompts]
+
+        def run(model: UNet) -> list[Path]:
+            sampler = make_sampling_scheduler("ddim", noise_scheduler.config)
+            pipe = TextToImagePipeline(model, sampler, encoder.model, encoder.tokenizer)
+            return generate(
+                pipe, jobs, folder, batch_size=len(jobs), num_steps=t.validation_steps,
+                guidance_scale=t.validation_guidance, maps=MapSettings(), extra_manifest={"training_step": step},
+                progress=False,
+            )
+
+        paths = with_ema_weights(run)
+        grid = image_grid([Image.open(p).convert("RGB") for p in paths], columns=len(paths))
         grid.save(run_dir / "validation" / f"step_{step:06d}.png")
-        (run_dir / "validation" / "prompts.json").write_text(json.dumps(prompts, indent=1) + "\n")
-        accelerator.get_tracker("tensorboard").writer.add_image(
-            "validation", np.asarray(grid), step, dataformats="HWC"
-        )
+        accelerator.get_tracker("tensorboard").writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
 
     # 5. The loop: one optimizer update per `gradient_accumulation_steps` micro-batches.
     accum = t.gradient_accumulation_steps
@@ -334,9 +358,10 @@ def train(
     if main:
         export_dir = run_dir / "model"
         tmp = staging_dir(export_dir)
-        with_ema_weights(lambda model: model.save_pretrained(tmp / "unet"))
-        noise_scheduler.save_pretrained(tmp / "scheduler")
-        encoder.save_pretrained(tmp)
+        sampler = make_sampling_scheduler("ddim", noise_scheduler.config)  # same schedule, the default sampler
+        with_ema_weights(
+            lambda model: TextToImagePipeline(model, sampler, encoder.model, encoder.tokenizer).save_pretrained(tmp)
+        )
         save_config(cfg, tmp / "config.yaml")
         (tmp / "training_info.json").write_text(
             json.dumps(
@@ -359,17 +384,3 @@ def train(
 def parameter_checksum(model: torch.nn.Module) -> torch.Tensor:
     """One float64 sum per parameter tensor: equal across processes iff (practically) the weights are."""
     return torch.stack([p.detach().double().sum() for p in model.parameters()])
-
-
-def sample_with_cache(
-    unet: UNet, noise_scheduler, text_cache: TextStateCache, prompts: list[str], t, device
-) -> torch.Tensor:
-    """Validation images for `prompts` (one fixed seed each) from cached text states."""
-    context, mask = text_cache.lookup(text_cache.rows(prompts), device)
-    null_context, null_mask = text_cache.lookup(torch.tensor([TextStateCache.NULL_ROW]), device)
-    scheduler = make_sampling_scheduler("ddim", noise_scheduler.config)
-    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    return sample(
-        unet, scheduler, context, mask, null_context, null_mask, generators,
-        num_steps=t.validation_steps, guidance_scale=t.validation_guidance,
-    )

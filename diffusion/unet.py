@@ -17,7 +17,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from diffusion.attention import AttentionRecorder, CrossAttention, SelfAttention
+from diffusion.attention import AttentionRecorder, CrossAttention, FeedForward, SelfAttention
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -49,16 +49,18 @@ class ResBlock(nn.Module):
 
 
 class UNetBlock(nn.Module):
-    """A residual block, then optional self-attention and cross-attention at this resolution."""
+    """A residual block, then optional self-attention, cross-attention and (after cross-attention,
+    when ff_mult > 0) a feed-forward at this resolution."""
 
     def __init__(
         self, in_ch: int, out_ch: int, emb_dim: int, context_dim: int, self_attend: bool, cross_attend: bool,
-        head_dim: int, norm_groups: int, dropout: float,
+        head_dim: int, norm_groups: int, dropout: float, ff_mult: int,
     ):
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, emb_dim, norm_groups, dropout)
         self.self_attn = SelfAttention(out_ch, head_dim, norm_groups) if self_attend else None
         self.cross_attn = CrossAttention(out_ch, context_dim, head_dim, norm_groups) if cross_attend else None
+        self.ff = FeedForward(out_ch, ff_mult, norm_groups) if cross_attend and ff_mult > 0 else None
 
     def forward(self, x, emb, context, context_mask, recorder: AttentionRecorder | None = None):
         x = self.res(x, emb)
@@ -66,6 +68,8 @@ class UNetBlock(nn.Module):
             x = self.self_attn(x)
         if self.cross_attn is not None:
             x = self.cross_attn(x, context, context_mask, recorder)
+        if self.ff is not None:
+            x = self.ff(x)
         return x
 
 
@@ -86,6 +90,7 @@ class UNet(ModelMixin, ConfigMixin):
         head_dim: int = 32,
         norm_groups: int = 8,
         dropout: float = 0.0,
+        ff_mult: int = 0,
     ):
         super().__init__()
         resolutions = [sample_size // 2**i for i in range(len(channel_mults))]
@@ -97,7 +102,7 @@ class UNet(ModelMixin, ConfigMixin):
         def block(in_ch: int, out_ch: int, res: int) -> UNetBlock:
             return UNetBlock(
                 in_ch, out_ch, emb_dim, context_dim, res in self_attention_resolutions,
-                res in cross_attention_resolutions, head_dim, norm_groups, dropout,
+                res in cross_attention_resolutions, head_dim, norm_groups, dropout, ff_mult,
             )
 
         # Down path: num_res_blocks blocks per level, then a strided conv (not after the last level).
@@ -148,7 +153,7 @@ class UNet(ModelMixin, ConfigMixin):
             if isinstance(module, ResBlock):
                 nn.init.zeros_(module.conv2.weight)
                 nn.init.zeros_(module.conv2.bias)
-            if isinstance(module, (CrossAttention, SelfAttention)):
+            if isinstance(module, (CrossAttention, SelfAttention, FeedForward)):
                 nn.init.zeros_(module.to_out.weight)
                 nn.init.zeros_(module.to_out.bias)
         nn.init.zeros_(self.conv_out.weight)

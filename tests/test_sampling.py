@@ -77,9 +77,12 @@ def test_multi_token_words_get_the_mean_of_their_tokens(pipe):
 
 
 def test_snapshots_and_timestep_window(pipe):
-    settings = MapSettings(snapshot_every=2, timestep_range=(0, 600))
-    attention = pipe(["a red circle"], [0], num_steps=6, return_attention=True, map_settings=settings).attention[0]
+    snapshots = MapSettings(snapshot_every=2)
+    attention = pipe(["a red circle"], [0], num_steps=6, return_attention=True, map_settings=snapshots).attention[0]
     assert sorted(attention.snapshots) == [1, 3, 5]
+    torch.testing.assert_close(attention.snapshots[5], attention.global_map)  # the last snapshot is the whole mean
+    window = MapSettings(timestep_range=(0, 600))
+    attention = pipe(["a red circle"], [0], num_steps=6, return_attention=True, map_settings=window).attention[0]
     assert attention.steps_aggregated and all(t <= 600 for t in attention.steps_aggregated)
     assert len(attention.steps_aggregated) < 6
 
@@ -170,3 +173,12 @@ def test_seed_ranges():
     assert parse_seeds("0-3") == [0, 1, 2, 3]
     assert parse_seeds("1,5,9-10") == [1, 5, 9, 10]
     assert slug("A red/circle!" * 20).count("/") == 0 and len(slug("x" * 500)) <= 60
+
+
+def test_export_is_a_diffusers_pipeline(finished_run, tmp_path):
+    loaded = TextToImagePipeline.from_pretrained(finished_run / "model")
+    loaded.save_pretrained(tmp_path / "copy")
+    again = TextToImagePipeline.from_pretrained(tmp_path / "copy")
+    a = loaded(["a red circle"], [0], num_steps=3).images[0]
+    b = again(["a red circle"], [0], num_steps=3).images[0]
+    assert np.array_equal(pixels(a), pixels(b))

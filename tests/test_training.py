@@ -27,8 +27,9 @@ def test_run_folder_holds_everything(finished_run):
     steps = [step for step, _ in list_checkpoints(run / "checkpoints")]
     assert steps == [20, 40]  # every 20 steps, the last 2 kept
     assert not list((run / "checkpoints").glob(".*"))  # no staging folders left behind
-    assert (run / "validation" / "step_000040.png").is_file()
-    for part in ("unet/config.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+    assert (run / "validation" / "step_000040.png").is_file()  # the grid, and each prompt's image and maps:
+    assert (run / "validation" / "step_000040" / "a-red-circle_seed0.attn" / "manifest.json").is_file()
+    for part in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
                  "tokenizer/tokenizer_config.json", "config.yaml"):
         assert (run / "model" / part).is_file(), part
     info = json.loads((run / "model" / "training_info.json").read_text())
@@ -138,3 +139,14 @@ def test_two_processes_keep_identical_replicas(cache_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((run / "model" / "training_info.json").read_text())
     assert info["processes"] == 2 and info["replicas_identical"] is True
+
+
+def test_resume_with_a_different_text_encoder_or_model_is_a_clear_error(cache_dir, finished_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    wider = tiny_config(cache_dir, "text_encoder.tiny_clip.text_width=64", "text_encoder.tiny_clip.steps=2")
+    with pytest.raises(TrainingError, match="trained with text states of width 32.*gives width 64.*checkpoint's own config"):
+        train(wider, output_dir=str(copy), resume="latest", progress=False)
+    deeper = tiny_config(cache_dir, "unet.num_res_blocks=2")
+    with pytest.raises(TrainingError, match="does not fit the model this config builds"):
+        train(deeper, output_dir=str(copy), resume="latest", progress=False)
