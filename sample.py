@@ -6,7 +6,8 @@
     python sample.py --model outputs/runs/cpu --prompt "a green square" --no-maps
 
 Images go to outputs/samples/<run name>/ (or --out) as <prompt>_seed<N>.png, and the maps to
-<prompt>_seed<N>.attn/ (grid.png, words/*.png, maps.npz, manifest.json).
+<prompt>_seed<N>.attn/ (grid.png, words/*.png, maps.npz, manifest.json); --html also writes report.html,
+a page where hovering a word shows its map (python -m diffusion.viewer FOLDER makes one for any folder).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="output folder (default outputs/samples/<run name>)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing images with the same names")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--html", action="store_true", help="also write report.html, a page to explore the maps in a browser")
     maps = parser.add_argument_group("attention maps")
     maps.add_argument("--no-maps", action="store_true", help="do not record or save attention maps")
     maps.add_argument("--maps-every", type=int, default=0, help="also save the map after every N-th step")
@@ -52,6 +54,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--num-images and --batch-size must be at least 1")
     if not args.prompt and not args.prompts_file:
         raise UserError('give at least one --prompt "..." or a --prompts-file')
+    if args.html and args.no_maps:
+        raise UserError("--html makes a page of the attention maps, which --no-maps turns off; drop one of the two")
 
 
 @exit_on_user_error
@@ -95,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     print(f"wrote {len(written)} image(s) to {out_dir}" + ("" if args.no_maps else " with their attention maps (*.attn/)"))
+    if args.html:
+        from diffusion.viewer import build_report
+
+        print(f"wrote {build_report(out_dir)} (open it in a browser)")
     return 0
 
 
