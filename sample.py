@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
     from diffusion.attention_maps import MapSettings
-    from diffusion.generate import generate, parse_seeds, plan_jobs, read_prompts_file
+    from diffusion.generate import check_outputs_free, generate, parse_seeds, plan_jobs, read_prompts_file
     from diffusion.pipeline import TextToImagePipeline, find_model_dir
     from diffusion.sampling import SCHEDULERS
 
@@ -85,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     run_name = model_dir.parent.name if model_dir.name == "model" else model_dir.name
     out_dir = Path(args.out) if args.out else Path("outputs/samples") / run_name
     jobs = plan_jobs(prompts, seeds)
-    from diffusion.generate import check_outputs_free
-
     check_outputs_free(jobs, out_dir, args.overwrite)
     pipe = TextToImagePipeline.from_run(model_dir, device=args.device)
     pipe.use_scheduler(args.scheduler)
