@@ -11,7 +11,6 @@ peak resident memory of a fresh process doing each.
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import subprocess
 import sys
