@@ -256,7 +256,8 @@ def train(
         accelerator.wait_for_everyone()
         if main:
             save_config(cfg, tmp / "config.yaml")
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step, "context_dim": encoder.hidden_size}) + "\n")
+            state = {"step": step, "micro_step": micro_step, "context_dim": encoder.hidden_size}
+            (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
             commit_dir(tmp, final)
             prune_checkpoints(run_dir / "checkpoints", t.keep_checkpoints)
         accelerator.wait_for_everyone()

@@ -149,3 +149,15 @@ def test_resume_with_a_different_text_encoder_or_model_is_a_clear_error(cache_di
     deeper = tiny_config(cache_dir, "unet.num_res_blocks=2")
     with pytest.raises(TrainingError, match="does not fit the model this config builds"):
         train(deeper, output_dir=str(copy), resume="latest", progress=False)
+
+
+def test_gradient_accumulation_updates_once_per_window(cache_dir, tmp_path):
+    cfg = tiny_config(cache_dir, "train.gradient_accumulation_steps=2", "train.max_steps=4",
+                      "train.checkpoint_every=4", "train.validate_every=0")
+    run = tmp_path / "accumulated"
+    train(cfg, output_dir=str(run), progress=False)
+    checkpoint = run / "checkpoints" / "checkpoint-000004"
+    assert [step for step, _ in list_checkpoints(run / "checkpoints")] == [4]
+    optimizer_state = torch.load(checkpoint / "optimizer.bin", weights_only=False)["state"]
+    assert int(optimizer_state[0]["step"]) == 4  # 4 optimizer updates ...
+    assert json.loads((checkpoint / "training_state.json").read_text())["micro_step"] == 8  # ... from 8 batches
