@@ -131,8 +131,10 @@ class TextToImagePipeline(DiffusionPipeline):
             raise UserError(f"the number of steps must be at least 1, got {num_steps}")
         if guidance_scale < 0:
             raise UserError(f"the guidance scale must be >= 0 (1 = no guidance), got {guidance_scale}")
-        context, mask = self.encode(prompts)  # (B, T, D), (B, T)
-        null_context, null_mask = self.encode([negative_prompt])  # (1, T, D), (1, T)
+        # Prompts and the negative (or empty) prompt in one pass of the text encoder.
+        states, masks = self.encode([*prompts, negative_prompt])  # (B + 1, T, D), (B + 1, T)
+        context, mask = states[:-1], masks[:-1]  # (B, T, D), (B, T)
+        null_context, null_mask = states[-1:], masks[-1:]  # (1, T, D), (1, T)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         aggregator = None
         if return_attention:
@@ -155,9 +157,10 @@ class TextToImagePipeline(DiffusionPipeline):
     def _per_image(self, maps: AttentionMaps, prompts: list[str], settings: MapSettings) -> list[ImageAttention]:
         """Split batch maps into each image's own, keeping only its prompt's kept tokens."""
         resolutions = self.unet.cross_attention_layers
+        max_length = self.encoder.max_length
         result = []
         for b, prompt in enumerate(prompts):
-            tokens = prompt_tokens(self.tokenizer, prompt, self.encoder.max_length)
+            tokens = prompt_tokens(self.tokenizer, prompt, max_length)
             kept = slice(0, tokens.end_token + 1)
             result.append(
                 ImageAttention(
