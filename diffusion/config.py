@@ -90,6 +90,9 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (fp16 on a GPU only)
     caption_dropout: float = 0.1
     min_snr_gamma: float = 0.0  # 0 turns min-SNR weighting off; 5 is the paper's value
+    # Weight of the grounding loss (diffusion.grounding): each caption word's cross-attention kept on the
+    # object it names. Needs masks and word_objects in the dataset (the shapes dataset has them); 0: off.
+    grounding_weight: float = 0.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
     checkpoint_every: int = 1000
@@ -232,6 +235,10 @@ def validate_config(cfg: Config) -> None:
                 f"every level's width (unet.base_channels x channel_mults: {width}) must be divisible by "
                 f"unet.head_dim ({u.head_dim}) and unet.norm_groups ({u.norm_groups})"
             )
+    if cfg.train.grounding_weight < 0:
+        raise ConfigError(f"train.grounding_weight must be >= 0 (0 turns the grounding loss off), got {cfg.train.grounding_weight}")
+    if cfg.train.grounding_weight > 0 and not u.cross_attention_resolutions:
+        raise ConfigError("train.grounding_weight > 0 needs cross-attention: list unet.cross_attention_resolutions")
     if not 0 <= cfg.train.caption_dropout < 1:
         raise ConfigError(f"train.caption_dropout must be in [0, 1), got {cfg.train.caption_dropout}")
 

@@ -16,6 +16,7 @@ import json
 import re
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,10 +90,44 @@ def parse_row(line: str, caption_column: str) -> dict:
     return row
 
 
+GROUNDING_FORMAT = (
+    "a 'mask_file' (a PNG whose pixel value k marks object k, 0 the background) and 'word_objects' "
+    "(for each whitespace-separated caption word, the object k it names, or 0)"
+)
+
+
+def load_mask(path: Path, size: int) -> np.ndarray:
+    """uint8 (size, size) object ids, resized like the images but with nearest-neighbour sampling."""
+    with Image.open(path) as mask:
+        if mask.mode not in ("L", "P", "1"):
+            raise BadRow("bad mask", f"has mask file {path} in mode {mask.mode}; save it as 8-bit greyscale (mode L)")
+        ids = mask.convert("L") if mask.mode == "1" else mask.copy()
+    width, height = ids.size
+    scale = size / min(width, height)
+    if scale != 1:
+        ids = ids.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.NEAREST)
+    left, top = (ids.size[0] - size) // 2, (ids.size[1] - size) // 2
+    return np.asarray(ids.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+@dataclass
+class Batch:
+    """Rows of a CaptionedImageFolder, mirrored consistently when hflip is on."""
+
+    pixels: torch.Tensor  # (B, 3, S, S) float32 in [-1, 1]
+    captions: list[str]
+    masks: torch.Tensor | None = None  # (B, S, S) uint8 object ids, 0 = background (folders loaded with masks)
+    word_objects: list[list[int]] | None = None  # per caption word, the object id it names (0: none)
+
+
 class CaptionedImageFolder(Dataset):
     """Images and captions from `root/metadata.jsonl`, decoded once into memory.
 
     Items are {"pixel_values": float32 (3, S, S) in [-1, 1], "caption": str, "index": int}.
+
+    With masks=True every row must also ground its caption (for the grounding loss): a mask PNG
+    with one id per object and, per caption word, the id of the object it names, e.g.
+        {"file_name": "images/0.png", "text": "a red circle", "mask_file": "masks/0.png", "word_objects": [0, 1, 1]}
 
     hflip is off by default because captions speak of left and right and a mirrored image
     would make them false. With hflip=True an item is mirrored with probability 0.5 (torch's
@@ -111,8 +146,10 @@ class CaptionedImageFolder(Dataset):
         skip_bad_rows: bool = False,
         hflip: bool = False,
         progress: bool = True,
+        masks: bool = False,
     ):
         self.root = Path(root)
+        self.with_masks = masks
         self.image_size = image_size
         self.caption_column = caption_column
         self.skip_bad_rows = skip_bad_rows
@@ -123,9 +160,12 @@ class CaptionedImageFolder(Dataset):
         lines = self.read_metadata_lines()
         self.rows: list[dict] = []  # raw metadata of the kept rows, e.g. ground-truth objects
         self.captions: list[str] = []
+        self.word_objects: list[list[int]] = []  # filled with masks=True
         self.skipped_reasons: Counter[str] = Counter()
-        images = self.decode_rows(lines)
+        masks: list[np.ndarray] = []
+        images = self.decode_rows(lines, masks)
         self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S) uint8
+        self.masks = torch.from_numpy(np.stack(masks)) if masks else None  # (N, S, S) uint8
         self.report_skipped(len(lines))
 
     @property
@@ -156,12 +196,14 @@ class CaptionedImageFolder(Dataset):
             message += f". Found {METADATA_FILE} in {', '.join(splits)}/: point at {self.root / splits[0]} instead"
         return message
 
-    def decode_rows(self, lines: list[tuple[int, str]]) -> list[np.ndarray]:
+    def decode_rows(self, lines: list[tuple[int, str]], masks: list[np.ndarray]) -> list[np.ndarray]:
+        """Decode every row's image (returned) and, with masks on, its mask (appended to `masks`)."""
         images = []
         bar = tqdm(lines, desc=f"loading {self.root.name}", unit="img", disable=not self.progress or len(lines) <= PROGRESS_MIN_IMAGES)
         for number, line in bar:
             try:
                 row, image = self.decode_row(line)
+                mask = self.decode_grounding(row) if self.with_masks else None
             except BadRow as bad:
                 if not self.skip_bad_rows:
                     raise DatasetError(f"{self.metadata_path}, row {number} {bad}, {SKIP_HINT}") from None
@@ -170,6 +212,9 @@ class CaptionedImageFolder(Dataset):
             self.rows.append(row)
             self.captions.append(row[self.caption_column].strip())
             images.append(image)
+            if mask is not None:
+                masks.append(mask)
+                self.word_objects.append(row["word_objects"])
         if not images:
             reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped_reasons.items())
             raise DatasetError(f"{self.metadata_path}: every row is unusable ({reasons}); nothing to load")
@@ -190,6 +235,23 @@ class CaptionedImageFolder(Dataset):
             ) from None
         return row, image
 
+    def decode_grounding(self, row: dict) -> np.ndarray:
+        """The row's mask, after checking its word_objects against the caption; or BadRow."""
+        if "mask_file" not in row or "word_objects" not in row:
+            raise BadRow("no grounding", f"has no grounding; the grounding loss needs {GROUNDING_FORMAT}, or set train.grounding_weight: 0")
+        words = row[self.caption_column].split()
+        objects = row["word_objects"]
+        if not (isinstance(objects, list) and len(objects) == len(words) and all(isinstance(k, int) and 0 <= k < 256 for k in objects)):
+            raise BadRow(
+                "bad word_objects",
+                f"has word_objects {objects!r}, which must list one object id (0-255) per caption word ({len(words)} words)",
+            )
+        path = self.root / row["mask_file"]
+        try:
+            return load_mask(path, self.image_size)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise BadRow("unreadable mask", f"names mask file {path}, which cannot be read ({err}); fix 'mask_file'") from None
+
     def report_skipped(self, num_rows: int) -> None:
         if self.skipped:
             reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped_reasons.items()))
@@ -201,15 +263,20 @@ class CaptionedImageFolder(Dataset):
         return len(self.captions)
 
     def __getitem__(self, index: int) -> dict:
-        pixels, captions = self.batch(torch.tensor([index]))
-        return {"pixel_values": pixels[0], "caption": captions[0], "index": index}
+        batch = self.batch(torch.tensor([index]))
+        return {"pixel_values": batch.pixels[0], "caption": batch.captions[0], "index": index}
 
-    def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-        """Many items at once: pixels float32 (B, 3, S, S) in [-1, 1] and their captions."""
+    def batch(self, rows: torch.Tensor) -> Batch:
+        """Many items at once: pixels float32 (B, 3, S, S) in [-1, 1], captions and (if loaded) masks."""
         pixels = self.images[rows].float() / 127.5 - 1.0  # (B, 3, S, S)
         captions = [self.captions[i] for i in rows.tolist()]
+        masks = None if self.masks is None else self.masks[rows]  # (B, S, S)
+        word_objects = [self.word_objects[i] for i in rows.tolist()] if self.masks is not None else None
         if self.hflip:
+            # Mirroring keeps every word in place ("left" <-> "right"), so word_objects stay valid.
             flipped = torch.rand(len(captions)) < 0.5
             pixels[flipped] = pixels[flipped].flip(-1)
+            if masks is not None:
+                masks[flipped] = masks[flipped].flip(-1)
             captions = [swap_left_right(c) if f else c for c, f in zip(captions, flipped.tolist())]
-        return pixels, captions
+        return Batch(pixels, captions, masks, word_objects)

@@ -5,11 +5,14 @@ The schedule lives here and in the sampler, never in the UNet.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from diffusion.config import NoiseConfig
+from diffusion.grounding import GroundingLoss
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -33,6 +36,18 @@ def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
     return alpha_bar / (1 - alpha_bar).clamp(min=1e-8)
 
 
+class Grounding(NamedTuple):
+    """What the grounding loss needs for a batch: object ids per token (B, T) and per pixel (B, S, S)."""
+
+    token_objects: torch.Tensor
+    masks: torch.Tensor
+
+
+class LossTerms(NamedTuple):
+    diffusion: torch.Tensor  # scalar
+    grounding: torch.Tensor | None  # scalar, when grounding targets were given
+
+
 def diffusion_loss(
     unet: torch.nn.Module,
     scheduler: DDPMScheduler,
@@ -40,8 +55,10 @@ def diffusion_loss(
     context: torch.Tensor,
     context_mask: torch.Tensor,
     min_snr_gamma: float = 0.0,
-) -> torch.Tensor:
-    """Mean squared error of the UNet's prediction on noised `images` (B, C, H, W) in [-1, 1]."""
+    grounding: Grounding | None = None,
+) -> LossTerms:
+    """Mean squared error of the UNet's prediction on noised `images` (B, C, H, W) in [-1, 1];
+    with `grounding`, also the grounding loss of its cross-attention (diffusion.grounding)."""
     b = images.shape[0]
     # 1. A random timestep and Gaussian noise per image.
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=images.device)
@@ -53,7 +70,11 @@ def diffusion_loss(
         target = noise
     else:
         target = scheduler.get_velocity(images, noise, timesteps)
-    prediction = unet(noisy, timesteps, context, context_mask)
+    recorder = None
+    if grounding is not None:
+        alpha_bar = scheduler.alphas_cumprod.to(images.device)[timesteps]  # (B,) the signal left in each image
+        recorder = GroundingLoss(grounding.token_objects, grounding.masks, weights=alpha_bar)
+    prediction = unet(noisy, timesteps, context, context_mask, recorder=recorder)
     per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     # 4. Optional min-SNR-gamma weighting (Hang et al. 2023), expressed for the chosen target.
     if min_snr_gamma > 0:
@@ -61,4 +82,4 @@ def diffusion_loss(
         clipped = ratio.clamp(max=min_snr_gamma)
         weight = clipped / ratio.clamp(min=1e-8) if scheduler.config.prediction_type == "epsilon" else clipped / (ratio + 1)
         per_image = per_image * weight
-    return per_image.mean()
+    return LossTerms(per_image.mean(), None if recorder is None else recorder.value())

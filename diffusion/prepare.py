@@ -24,7 +24,9 @@ def config_hash(*parts: dict) -> str:
 
 
 def shapes_dir(data: DataConfig, cache_dir: Path) -> Path:
-    return Path(cache_dir) / "datasets" / f"shapes-{config_hash(asdict(data.shapes))}"
+    from diffusion.shapes import FORMAT_VERSION
+
+    return Path(cache_dir) / "datasets" / f"shapes-{config_hash(asdict(data.shapes), {'format': FORMAT_VERSION})}"
 
 
 def prepare_dataset(data: DataConfig, cache_dir: Path, progress: bool = True) -> tuple[Path, Path | None]:

@@ -71,6 +71,7 @@ SQUARE_HALF_SIDE = 0.85  # square half-side / half-extent, so a square looks as 
 STAR_POINTS = 5
 STAR_INNER_RADIUS = 0.55  # inner / outer radius; chunkier than a pentagram so it survives 32 px
 PNG_COMPRESS_LEVEL = 1
+FORMAT_VERSION = 2  # of the written files; 2: rows carry word_objects (which caption word names which mask)
 
 
 @dataclass
@@ -323,20 +324,30 @@ def describe(obj: SceneObject, definite: bool = False) -> str:
     return " ".join([article, *words])
 
 
+def caption_words(scene: Scene) -> list[tuple[str, int]]:
+    """The caption as (word, object) pairs: object k (1-based, its mask value) for the size, colour
+    and shape words that name it, 0 for articles and relation words."""
+    objects = scene.objects
+    mentioned: set[int] = set()
+
+    def mention(k: int) -> list[tuple[str, int]]:
+        phrase = describe(objects[k], definite=k in mentioned).split()
+        mentioned.add(k)
+        return [(phrase[0], 0)] + [(word, k + 1) for word in phrase[1:]]  # the article names no object
+
+    if not scene.relations:
+        return mention(0)
+    words: list[tuple[str, int]] = []
+    for rel in scene.relations:
+        if words:
+            words.append(("and", 0))
+        words += mention(rel.subject) + [(w, 0) for w in rel.relation.split()] + mention(rel.reference)
+    return words
+
+
 def caption(scene: Scene) -> str:
     """Lowercase, single-spaced, no punctuation; mentions every object and states every relation."""
-    objects = scene.objects
-    if not scene.relations:
-        return describe(objects[0])
-    mentioned: set[int] = set()
-    clauses = []
-    for rel in scene.relations:
-        words = []
-        for k in (rel.subject, rel.reference):
-            words.append(describe(objects[k], definite=k in mentioned))
-            mentioned.add(k)
-        clauses.append(f"{words[0]} {rel.relation} {words[1]}")
-    return " and ".join(clauses)
+    return " ".join(word for word, _ in caption_words(scene))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,6 +475,7 @@ def metadata_row(index: int, scene: Scene, mask: np.ndarray, held_out: bool) -> 
     return {
         "file_name": f"images/{index:06d}.png",
         "text": caption(scene),
+        "word_objects": [k for _, k in caption_words(scene)],  # per caption word: the mask value it names, or 0
         "objects": [
             {
                 "shape": obj.shape,
@@ -504,6 +516,7 @@ def write_split(
 def dataset_info(cfg: ShapesConfig, num_test_held_out: int) -> dict:
     return {
         "name": "shapes",
+        "format_version": FORMAT_VERSION,
         "config": asdict(cfg),
         "palette": {c: list(PALETTE[c]) for c in cfg.colours},
         "background": list(BACKGROUND),

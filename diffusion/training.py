@@ -37,7 +37,8 @@ from diffusion.checkpoints import (
 from diffusion.config import Config, ConfigError, save_config
 from diffusion.data import CaptionedImageFolder, swap_left_right
 from diffusion.errors import UserError
-from diffusion.objective import diffusion_loss, make_noise_scheduler
+from diffusion.grounding import TokenObjectTable
+from diffusion.objective import Grounding, diffusion_loss, make_noise_scheduler
 from diffusion.prepare import TINY_CLIP, prepare_dataset, prepare_text_encoder
 from diffusion.attention_maps import MapSettings
 from diffusion.generate import Job, generate
@@ -192,11 +193,13 @@ def train(
             cfg.text_encoder, cfg.data, cache_dir, progress=progress and main, dataset_dirs=dataset_dirs
         )
     train_dir = dataset_dirs[0]
+    grounded = t.grounding_weight > 0
     dataset = CaptionedImageFolder(
         train_dir, cfg.data.image_size, cfg.data.caption_column, cfg.data.skip_bad_rows, cfg.data.hflip,
-        progress=progress and main,
+        progress=progress and main, masks=grounded,
     )
     encoder = TextEncoder.from_pretrained(encoder_source).to(accelerator.device)
+    token_objects = TokenObjectTable(encoder.tokenizer, encoder.max_length) if grounded else None
     captions = list(dataset.captions)
     if cfg.data.hflip:
         captions += [swap_left_right(c) for c in dataset.captions]
@@ -295,17 +298,23 @@ def train(
     micro_step = step * accum
     bar = tqdm(total=t.max_steps, initial=step, desc="training", disable=not (progress and main), dynamic_ncols=True)
     started = time.monotonic()
-    window_start, window_images, window_losses = time.monotonic(), 0, []
+    window_start, window_images, window_losses, window_grounding = time.monotonic(), 0, [], []
     while step < t.max_steps:
         rows = order.rows(micro_step)
-        images, captions = dataset.batch(rows)
-        images = images.to(accelerator.device)
+        batch = dataset.batch(rows)
+        images, captions = batch.pixels.to(accelerator.device), batch.captions
         caption_rows = text_cache.rows(captions)
         dropped = torch.rand(len(captions)) < t.caption_dropout  # classifier-free guidance: learn the null prompt
         caption_rows[dropped] = TextStateCache.NULL_ROW
         context, context_mask = text_cache.lookup(caption_rows, accelerator.device)
+        grounding = None
+        if token_objects is not None:
+            kept = ["" if d else c for c, d in zip(captions, dropped.tolist())]  # a dropped caption grounds nothing
+            targets = token_objects(kept, batch.word_objects).to(accelerator.device)  # (B, T)
+            grounding = Grounding(targets, batch.masks.to(accelerator.device))
         with accelerator.accumulate(unet):
-            loss = diffusion_loss(unet, noise_scheduler, images, context, context_mask, t.min_snr_gamma)
+            terms = diffusion_loss(unet, noise_scheduler, images, context, context_mask, t.min_snr_gamma, grounding)
+            loss = terms.diffusion if terms.grounding is None else terms.diffusion + t.grounding_weight * terms.grounding
             if not torch.isfinite(loss):
                 last = list_checkpoints(run_dir / "checkpoints")
                 kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
@@ -320,7 +329,9 @@ def train(
             optimizer.zero_grad(set_to_none=True)
         micro_step += 1
         window_images += len(captions) * accelerator.num_processes
-        window_losses.append(loss.item())
+        window_losses.append(terms.diffusion.item())
+        if terms.grounding is not None:
+            window_grounding.append(terms.grounding.item())
         if not accelerator.sync_gradients:
             continue
         lr_schedule.step()
@@ -335,10 +346,16 @@ def train(
                 "learning_rate": lr_schedule.get_last_lr()[0],
                 "images_per_sec": window_images / max(elapsed, 1e-9),
             }
+            if window_grounding:
+                scalars["grounding_loss"] = sum(window_grounding) / len(window_grounding)
             accelerator.log(scalars, step=step)
             bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_sec']:.0f}")
-            logger.info("step %d loss %.4f lr %.2e %.0f img/s", step, *scalars.values())
-            window_start, window_images, window_losses = time.monotonic(), 0, []
+            grounding_note = f" grounding {scalars['grounding_loss']:.4f}" if window_grounding else ""
+            logger.info(
+                "step %d loss %.4f lr %.2e %.0f img/s%s", step, scalars["loss"], scalars["learning_rate"],
+                scalars["images_per_sec"], grounding_note,
+            )
+            window_start, window_images, window_losses, window_grounding = time.monotonic(), 0, [], []
         out_of_time = t.max_minutes > 0 and time.monotonic() - started > 60 * t.max_minutes
         if out_of_time:
             logger.info("train.max_minutes=%g reached at step %d", t.max_minutes, step)

@@ -146,3 +146,32 @@ def test_reads_generated_shapes(tmp_path):
     assert data.captions[0] == data.rows[0]["text"] and "objects" in data.rows[0]
     batch = next(iter(torch.utils.data.DataLoader(data, batch_size=4)))
     assert batch["pixel_values"].shape == (4, 3, 32, 32) and len(batch["caption"]) == 4
+
+
+def test_masks_and_word_objects_load_and_mirror_with_the_image(tmp_path):
+    out = generate_shapes(ShapesConfig(num_train=6, num_test=2, max_objects=2), tmp_path / "shapes", progress=False)
+    data = CaptionedImageFolder(out / "train", image_size=32, masks=True, hflip=True)
+    assert data.masks.shape == (6, 32, 32) and data.word_objects[0] == data.rows[0]["word_objects"]
+    torch.manual_seed(0)
+    for _ in range(4):
+        batch = data.batch(torch.arange(6))
+        for pixels, mask in zip(batch.pixels, batch.masks):
+            # Every object pixel has a palette colour, every background pixel is white: mask and image agree.
+            white = (pixels == 1.0).all(dim=0)
+            assert torch.equal(white, mask == 0)
+        assert batch.word_objects == data.word_objects
+
+
+def test_grounding_needs_masks_and_names_the_fix(folder):
+    with pytest.raises(DatasetError, match="mask_file.*word_objects.*grounding_weight: 0"):
+        CaptionedImageFolder(folder, image_size=WIDTH, caption_column="prompt", masks=True)
+
+
+def test_word_objects_must_match_the_caption(tmp_path):
+    out = generate_shapes(ShapesConfig(num_train=3, num_test=1), tmp_path / "shapes", progress=False)
+    metadata = out / "train" / "metadata.jsonl"
+    rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+    rows[1]["word_objects"] = rows[1]["word_objects"][:-1]
+    metadata.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DatasetError, match="row 2 .*one object id .* per caption word"):
+        CaptionedImageFolder(out / "train", image_size=32, masks=True)

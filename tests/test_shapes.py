@@ -163,3 +163,20 @@ def test_config_rejects_unknown_names():
         ShapesConfig(held_out_pairs=["red hexagon"])
     with pytest.raises(ValueError, match="held-out relation"):
         ShapesConfig(held_out_relations=["circle near square"])
+
+
+def test_word_objects_name_each_object_by_its_words(dataset):
+    """word_objects marks exactly the size, colour and shape words of each mention of object k."""
+    _, out = dataset
+    for split_dir, row in all_rows(out):
+        words, objects = row["text"].split(), row["word_objects"]
+        assert len(objects) == len(words)
+        mask = np.asarray(Image.open(split_dir / row["mask_file"]))
+        for k, obj in enumerate(row["objects"], start=1):
+            named = [w for w, o in zip(words, objects) if o == k]
+            assert obj["colour"] in named and obj["shape"] in named, (row["text"], k)
+            assert set(named) <= {obj["colour"], obj["shape"], "small", "large"}
+            assert (mask == k).any()
+        unnamed = {w for w, o in zip(words, objects) if o == 0}
+        assert unnamed <= {"a", "an", "the", "and", "left", "right", "of", "above", "below"}, row["text"]
+

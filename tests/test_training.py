@@ -64,7 +64,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(cache_dir):
 
     def fixed_loss():
         torch.manual_seed(123)  # the same timesteps and noise every time
-        return diffusion_loss(unet, scheduler, images, context, mask)
+        return diffusion_loss(unet, scheduler, images, context, mask).diffusion
 
     optimizer = torch.optim.Adam(unet.parameters(), lr=2e-3)
     before = fixed_loss().item()
