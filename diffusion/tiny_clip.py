@@ -14,9 +14,10 @@ import argparse
 import json
 import math
 import os
+import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from collections.abc import Iterator
@@ -63,6 +64,10 @@ class TinyClipConfig:
     weight_decay: float = 0.1
     seed: int = 0
     retrieval_pairs: int = 100  # held-out pairs with distinct captions for the retrieval metric
+    # Hard negatives (NegCLIP): groups of words that exclude each other, e.g. [["red", "blue"], ["left", "right"]].
+    # Each caption gets false twins: one word replaced by another of its group, or two different words of one
+    # group swapped. Without them the text tower learns a bag of words. Filled for the shapes dataset.
+    hard_negative_groups: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -117,14 +122,44 @@ def tokenize_all(tokenizer: CLIPTokenizer, captions: list[str], max_length: int)
 def contrastive_loss(logits_per_text: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
     """CLIP's symmetric InfoNCE, where images of the same caption all count as matches.
 
-    logits_per_text: (B, B) scaled cosine similarities, text i against image j.
+    logits_per_text: (B + M, B) scaled cosine similarities, text i against image j; the first B texts
+        are the batch's captions, the last M (M >= 0) hard negatives that match no image.
     caption_ids: (B,) an id per distinct caption; equal ids are positives for each other.
     """
+    batch = caption_ids.shape[0]
     positives = (caption_ids[:, None] == caption_ids[None, :]).float()  # (B, B)
     targets = positives / positives.sum(dim=1, keepdim=True)  # (B, B), rows sum to 1; symmetric matrix
-    text_to_image = F.cross_entropy(logits_per_text, targets)
-    image_to_text = F.cross_entropy(logits_per_text.T, targets)
+    # 1. Text -> image: each real caption picks its images among the batch's B images.
+    text_to_image = F.cross_entropy(logits_per_text[:batch], targets)
+    # 2. Image -> text: each image picks its caption among all B + M texts; negatives are never targets.
+    negatives = logits_per_text.shape[0] - batch
+    image_targets = F.pad(targets, (0, negatives))  # (B, B + M)
+    image_to_text = F.cross_entropy(logits_per_text.T, image_targets)
     return (text_to_image + image_to_text) / 2
+
+
+def hard_negatives(caption: str, groups: list[list[str]], rng: random.Random) -> list[str]:
+    """Up to two false twins of `caption`: a word replaced by another of its group; two different words swapped.
+
+    "a red star left of a blue square" -> e.g. "a red star right of a blue square" (replaced) and
+    "a blue star left of a red square" (colours swapped: same words, wrong binding).
+    """
+    words = caption.split()
+    group_of = {word: index for index, group in enumerate(groups) for word in group}
+    slots = [i for i, word in enumerate(words) if word in group_of]
+    twins = []
+    if slots:
+        i = rng.choice(slots)
+        choices = [w for w in groups[group_of[words[i]]] if w != words[i]]
+        if choices:
+            twins.append(" ".join(words[:i] + [rng.choice(choices)] + words[i + 1 :]))
+    swaps = [(i, j) for i in slots for j in slots if i < j and group_of[words[i]] == group_of[words[j]] and words[i] != words[j]]
+    if swaps:
+        i, j = rng.choice(swaps)
+        swapped = list(words)
+        swapped[i], swapped[j] = words[j], words[i]
+        twins.append(" ".join(swapped))
+    return twins
 
 
 def lr_at(step: int, cfg: TinyClipConfig) -> float:
@@ -154,19 +189,30 @@ def batches(num_items: int, batch_size: int, steps: int, generator: torch.Genera
         cursor += batch_size
 
 
+def batch_logits(model: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    """(N_text, B) scaled cosine similarities of every text against every image."""
+    # Trim padding beyond the longest text: the text tower is causal, so its outputs are unchanged.
+    length = int(attention_mask.sum(dim=1).max())
+    text = projected(model.get_text_features(input_ids=input_ids[:, :length], attention_mask=attention_mask[:, :length]))
+    image = projected(model.get_image_features(pixel_values=pixels))  # (B, P)
+    text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)  # (N_text, P), (B, P)
+    return model.logit_scale.exp() * text @ image.T  # (N_text, B)
+
+
 def train_steps(
     model: CLIPModel,
+    tokenizer: CLIPTokenizer,
     pairs: CaptionedPairs,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
     cfg: TinyClipConfig,
     progress: bool,
 ) -> float:
     """Contrastive training for cfg.steps steps; returns the mean loss of the last 20 steps."""
     id_of_caption = {caption: i for i, caption in enumerate(dict.fromkeys(pairs.captions))}
     caption_ids = torch.tensor([id_of_caption[caption] for caption in pairs.captions])  # (N,)
+    input_ids, attention_mask = tokenize_all(tokenizer, pairs.captions, cfg.max_length)  # (N, T), (N, T)
     optimizer = make_optimizer(model, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)
+    negatives_rng = random.Random(cfg.seed)
     batch_size = min(cfg.batch_size, len(pairs.captions))
     recent_losses: list[float] = []
     model.train()
@@ -175,14 +221,13 @@ def train_steps(
     for step, index in enumerate(bar):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        # Trim padding beyond the batch's longest caption: the text tower is causal, so outputs are unchanged.
-        length = int(attention_mask[index].sum(dim=1).max())
-        outputs = model(
-            input_ids=input_ids[index, :length],  # (B, L)
-            attention_mask=attention_mask[index, :length],  # (B, L)
-            pixel_values=pairs.pixel_values(index),  # (B, 3, S, S)
-        )
-        loss = contrastive_loss(outputs.logits_per_text, caption_ids[index])
+        ids, mask = input_ids[index], attention_mask[index]  # (B, T), (B, T)
+        negatives = [n for i in index.tolist() for n in hard_negatives(pairs.captions[i], cfg.hard_negative_groups, negatives_rng)]
+        if negatives:
+            negative_ids, negative_mask = tokenize_all(tokenizer, negatives, cfg.max_length)  # (M, T), (M, T)
+            ids, mask = torch.cat([ids, negative_ids]), torch.cat([mask, negative_mask])  # (B + M, T)
+        logits = batch_logits(model, ids, mask, pairs.pixel_values(index))  # (B + M, B)
+        loss = contrastive_loss(logits, caption_ids[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -211,10 +256,18 @@ def projected(features: torch.Tensor | object) -> torch.Tensor:
 
 
 @torch.no_grad()
-def retrieval_accuracy(model_dir: str | Path, test_dir: str | Path, n_pairs: int = 100, seed: int = 0) -> dict[str, float]:
+def retrieval_accuracy(
+    model_dir: str | Path,
+    test_dir: str | Path,
+    n_pairs: int = 100,
+    seed: int = 0,
+    hard_negative_groups: list[list[str]] | None = None,
+) -> dict[str, float]:
     """Text-to-image retrieval among n_pairs held-out pairs with distinct captions.
 
     For each caption, the n images are ranked by CLIP similarity; a hit is the image of that caption.
+    With `hard_negative_groups`, also the fraction of false twins (`hard_negatives`) that score below
+    the true caption on its image: 0.5 is a bag of words, 1.0 reads every word in place.
     """
     model = CLIPModel.from_pretrained(model_dir).eval()
     tokenizer = CLIPTokenizer.from_pretrained(model_dir)
@@ -229,11 +282,21 @@ def retrieval_accuracy(model_dir: str | Path, test_dir: str | Path, n_pairs: int
     ranked = similarity.argsort(dim=1, descending=True)  # (n, n) image indices, best first
     # Captions are distinct, so image j shows caption i exactly when j == i.
     hits = ranked == torch.arange(len(captions))[:, None]  # (n, n)
-    return {
+    metrics = {
         "top1": hits[:, :1].any(dim=1).float().mean().item(),
         "top5": hits[:, :5].any(dim=1).float().mean().item(),
         "n_pairs": len(captions),
     }
+    rng = random.Random(seed)
+    twins = [(i, twin) for i, caption in enumerate(captions) for twin in hard_negatives(caption, hard_negative_groups or [], rng)]
+    if twins:
+        twin_ids, twin_mask = tokenize_all(tokenizer, [twin for _, twin in twins], max_length)  # (M, T), (M, T)
+        twin_text = F.normalize(projected(model.get_text_features(input_ids=twin_ids, attention_mask=twin_mask)), dim=-1)
+        own = torch.tensor([i for i, _ in twins])  # (M,) the image each twin is a false caption of
+        twin_scores = (twin_text * image[own]).sum(dim=-1)  # (M,)
+        metrics["hard_negative_accuracy"] = (similarity[own, own] > twin_scores).float().mean().item()
+        metrics["hard_negatives"] = len(twins)
+    return metrics
 
 
 def replace_dir(src: Path, dst: Path) -> None:
@@ -247,20 +310,19 @@ def train_into(
     folder: Path, train_dir: str | Path, cfg: TinyClipConfig, test_dir: str | Path | None, progress: bool
 ) -> dict:
     """Train tokenizer and model, save both into `folder`, and measure retrieval from the saved files."""
-    # 1. Data in memory, captions tokenized once.
+    # 1. Data in memory, a tokenizer learned on its captions.
     pairs = load_pairs(train_dir, cfg.image_size)
     tokenizer = train_clip_tokenizer(pairs.captions, folder, cfg.vocab_size, cfg.max_length)
-    input_ids, attention_mask = tokenize_all(tokenizer, pairs.captions, cfg.max_length)  # (N, T), (N, T)
 
-    # 2. Contrastive training.
+    # 2. Contrastive training, with hard negatives where the config names word groups.
     model = CLIPModel(build_clip_config(cfg, tokenizer))
-    final_loss = train_steps(model, pairs, input_ids, attention_mask, cfg, progress)
+    final_loss = train_steps(model, tokenizer, pairs, cfg, progress)
 
     # 3. Save, then measure through the same from_pretrained path any CLIP takes.
     model.save_pretrained(folder)
     metrics: dict = {"final_loss": final_loss, "steps": cfg.steps, "train_pairs": len(pairs.captions)}
     if test_dir is not None:
-        metrics["retrieval"] = retrieval_accuracy(folder, test_dir, cfg.retrieval_pairs, cfg.seed)
+        metrics["retrieval"] = retrieval_accuracy(folder, test_dir, cfg.retrieval_pairs, cfg.seed, cfg.hard_negative_groups)
     return metrics
 
 
@@ -292,13 +354,22 @@ def train_tiny_clip(
     return metrics
 
 
+def parse_word_groups(text: str) -> list[list[str]]:
+    return [[word.strip() for word in group.split(",") if word.strip()] for group in text.split(";") if group.strip()]
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train the tiny CLIP text encoder on a captioned image folder.")
     parser.add_argument("--data", required=True, help="dataset root with train/ (and test/) imagefolder splits")
     parser.add_argument("--out", required=True, help="folder to save the CLIP model and tokenizer to")
     defaults = TinyClipConfig()
     for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        if not isinstance(value, list):
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument(
+        "--hard-negative-groups", type=parse_word_groups, default=[], metavar="GROUPS",
+        help='words that exclude each other, groups split by ";": "red,blue,green;left,right;above,below"',
+    )
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args()
 

@@ -211,3 +211,44 @@ def test_train_tiny_clip_saves_a_loadable_clip(tmp_path):
     assert states.shape == (2, TINY.max_length, TINY.text_width)
     assert torch.isfinite(states).all()
     assert retrieval_accuracy(out, tmp_path / "data" / "test", n_pairs=4) == metrics["retrieval"]
+
+
+# --- hard negatives --------------------------------------------------------------------------
+
+GROUPS = [["red", "green", "blue"], ["circle", "star", "square"], ["left", "right"]]
+
+
+def test_hard_negatives_are_false_twins():
+    import random
+
+    from diffusion.tiny_clip import hard_negatives
+
+    caption = "a red star left of a blue square"
+    seen = set()
+    rng = random.Random(0)
+    for _ in range(50):
+        replaced, swapped = hard_negatives(caption, GROUPS, rng)
+        for twin in (replaced, swapped):
+            assert twin != caption and len(twin.split()) == len(caption.split())
+        # Replaced: exactly one word differs, and it comes from the same group.
+        diff = [(a, b) for a, b in zip(caption.split(), replaced.split()) if a != b]
+        assert len(diff) == 1 and any(diff[0][0] in g and diff[0][1] in g for g in GROUPS)
+        # Swapped: the same words, two of one group exchanged (wrong binding).
+        assert sorted(swapped.split()) == sorted(caption.split())
+        seen.add(swapped)
+    assert seen == {"a blue star left of a red square", "a red square left of a blue star"}
+    assert hard_negatives("a red circle", GROUPS, rng)[0] != "a red circle"
+    assert len(hard_negatives("a red circle", GROUPS, rng)) == 1  # nothing to swap with
+    assert hard_negatives("a cat", GROUPS, rng) == []
+
+
+def test_contrastive_loss_counts_negatives_against_the_images():
+    from diffusion.tiny_clip import contrastive_loss
+
+    logits = torch.tensor([[5.0, 0.0], [0.0, 5.0]])  # two texts, two images, matched
+    caption_ids = torch.tensor([0, 1])
+    plain = contrastive_loss(logits, caption_ids)
+    far_negative = contrastive_loss(torch.cat([logits, torch.tensor([[-5.0, -5.0]])]), caption_ids)
+    close_negative = contrastive_loss(torch.cat([logits, torch.tensor([[5.0, -5.0]])]), caption_ids)
+    assert far_negative.item() == pytest.approx(plain.item(), abs=0.01)
+    assert close_negative.item() > plain.item() + 0.1
