@@ -4,12 +4,13 @@
 # prompts and seeds from each. Run it alone: other jobs on the same cores slow training many times.
 #
 #   bash bench/time_to_quality.sh [RUN_DIR]        (default outputs/runs/time-to-quality)
+#   MARKS="10 20 30" bash bench/time_to_quality.sh  (minutes at which to keep a model; default 10 20 40)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-outputs/runs/time-to-quality}
 CONFIG=configs/cpu.yaml
 previous=0
-for minutes in 10 20 40; do
+for minutes in ${MARKS:-10 20 40}; do
   segment=$((minutes - previous))
   resume=()
   [ "$previous" -gt 0 ] && resume=(--resume latest)
@@ -23,4 +24,4 @@ for minutes in 10 20 40; do
   previous=$minutes
 done
 grep -E "step [0-9]+ loss" "$RUN/train.log" | awk '{print $4, $6}' > "$RUN/loss.tsv"
-echo "loss curve: $RUN/loss.tsv; grids: $RUN/grid-{10,20,40}min.png"
+echo "loss curve: $RUN/loss.tsv; grids: $RUN/grid-<minutes>min.png"
