@@ -60,6 +60,8 @@ class UNetConfig:
     dropout: float = 0.0
     # Width multiple of a gated feed-forward after each cross-attention layer (0: none).
     ff_mult: int = 0
+    # Add the end token's text state (CLIP's pooled output) to the timestep embedding, as SDXL does.
+    pooled_text: bool = False
 
 
 @dataclass

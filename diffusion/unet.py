@@ -91,12 +91,19 @@ class UNet(ModelMixin, ConfigMixin):
         norm_groups: int = 8,
         dropout: float = 0.0,
         ff_mult: int = 0,
+        pooled_text: bool = False,
     ):
         super().__init__()
         resolutions = [sample_size // 2**i for i in range(len(channel_mults))]
         check_attention_resolutions(resolutions, cross_attention_resolutions, self_attention_resolutions)
         emb_dim = 4 * base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # Global text condition (as SDXL adds CLIP's pooled output to the timestep embedding): the end
+        # token's state, which has read the whole prompt. Token states alone cannot tell "a red circle
+        # left of a blue square" from the start of a longer caption; the end token can.
+        self.text_mlp = (
+            nn.Sequential(nn.Linear(context_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if pooled_text else None
+        )
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def block(in_ch: int, out_ch: int, res: int) -> UNetBlock:
@@ -158,6 +165,9 @@ class UNet(ModelMixin, ConfigMixin):
                 nn.init.zeros_(module.to_out.bias)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        if self.text_mlp is not None:
+            nn.init.zeros_(self.text_mlp[-1].weight)
+            nn.init.zeros_(self.text_mlp[-1].bias)
 
     @property
     def cross_attention_layers(self) -> dict[str, int]:
@@ -184,8 +194,10 @@ class UNet(ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         if timestep.ndim == 0:
             timestep = timestep.expand(sample.shape[0])
-        # 1. Timestep embedding shared by all residual blocks.
+        # 1. Timestep embedding (plus, if configured, the pooled text) shared by all residual blocks.
         emb = self.time_mlp(timestep_embedding(timestep, self.config.base_channels))  # (B, 4C)
+        if self.text_mlp is not None:
+            emb = emb + self.text_mlp(end_token_states(context, context_mask))  # (B, 4C)
         # 2. Down path, remembering a skip after every block and downsampling.
         h = self.conv_in(sample)  # (B, C, S, S)
         skips = [h]
@@ -207,6 +219,14 @@ class UNet(ModelMixin, ConfigMixin):
                 h = upsample(F.interpolate(h, scale_factor=2.0, mode="nearest"))
         # 5. Back to image channels.
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def end_token_states(context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, D) text states -> (B, D): each prompt's last unmasked token, CLIP's end token."""
+    if context_mask is None:
+        return context[:, -1]
+    last = context_mask.long().sum(dim=1).clamp(min=1) - 1  # (B,)
+    return context[torch.arange(context.shape[0], device=context.device), last]
 
 
 def check_attention_resolutions(resolutions: list[int], cross: tuple[int, ...], self_: tuple[int, ...]) -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffusion.attention import CrossAttention, attention
-from diffusion.unet import UNet
+from diffusion.unet import UNet, end_token_states
 
 TINY = dict(
     sample_size=16, context_dim=24, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
@@ -23,10 +23,10 @@ def random_inputs(batch=3, tokens=7, seed=0):
     return x, t, context, mask
 
 
-def trained_like_unet(seed=0):
+def trained_like_unet(seed=0, **changes):
     """A UNet whose zero-initialised outputs are perturbed, so every path affects the result."""
     torch.manual_seed(seed)
-    unet = UNet(**TINY)
+    unet = UNet(**{**TINY, **changes})
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -91,6 +91,19 @@ def test_text_conditioning_reaches_the_output():
     other = context.clone()
     other[2, 0] += 1.0
     assert not torch.allclose(unet(x, t, context, mask)[2], unet(x, t, other, mask)[2])
+
+
+def test_pooled_text_is_the_end_token_state():
+    x, t, context, mask = random_inputs()
+    assert torch.equal(end_token_states(context, mask), context[[0, 1, 2], [3, 1, 6]])  # last unmasked tokens
+    # Without cross-attention the text can only enter through the pooled end token.
+    unet = trained_like_unet(pooled_text=True, cross_attention_resolutions=())
+    end_changed, first_changed = context.clone(), context.clone()
+    end_changed[1, 1] += 1.0  # row 1's end token
+    first_changed[1, 0] += 1.0  # row 1's start token
+    base = unet(x, t, context, mask)
+    assert not torch.allclose(base[1], unet(x, t, end_changed, mask)[1])
+    torch.testing.assert_close(base, unet(x, t, first_changed, mask))
 
 
 def test_save_load_round_trip(tmp_path):
