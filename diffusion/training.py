@@ -185,19 +185,21 @@ def train(
         accelerator.init_trackers(str(run_dir / "tensorboard"))
     logger.info("run folder: %s (%d process(es), device %s)", run_dir, accelerator.num_processes, accelerator.device)
 
-    # 2. Data and text encoder, prepared once on the main process and cached.
+    # 2. Data and text encoder, prepared once on the main process and cached. The dataset is read
+    #    first, so a bad folder fails before minutes are spent training a tiny CLIP on it.
     cache_dir = Path(cfg.cache_dir)
     with accelerator.main_process_first():
         dataset_dirs = prepare_dataset(cfg.data, cache_dir, progress=progress and main)
-        encoder_source = prepare_text_encoder(
-            cfg.text_encoder, cfg.data, cache_dir, progress=progress and main, dataset_dirs=dataset_dirs
-        )
     train_dir = dataset_dirs[0]
     grounded = t.grounding_weight > 0
     dataset = CaptionedImageFolder(
         train_dir, cfg.data.image_size, cfg.data.caption_column, cfg.data.skip_bad_rows, cfg.data.hflip,
         progress=progress and main, masks=grounded,
     )
+    with accelerator.main_process_first():
+        encoder_source = prepare_text_encoder(
+            cfg.text_encoder, cfg.data, cache_dir, progress=progress and main, dataset_dirs=dataset_dirs
+        )
     encoder = TextEncoder.from_pretrained(encoder_source).to(accelerator.device)
     token_objects = TokenObjectTable(encoder.tokenizer, encoder.max_length) if grounded else None
     captions = list(dataset.captions)

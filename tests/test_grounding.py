@@ -9,7 +9,7 @@ from diffusion.grounding import GroundingLoss, token_objects
 from diffusion.objective import Grounding, diffusion_loss, make_noise_scheduler
 from diffusion.tokenizer import train_clip_tokenizer
 from diffusion.training import build_unet
-from tests.conftest import tiny_config
+from conftest import tiny_config
 
 CAPTION = "a small green star left of a large blue square"
 WORD_OBJECTS = [0, 1, 1, 1, 0, 0, 0, 2, 2, 2]

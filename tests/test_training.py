@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from diffusion.checkpoints import CheckpointError, list_checkpoints
 from diffusion.config import ConfigError, load_config
@@ -21,7 +23,8 @@ from conftest import ROOT, TINY, exported_weights, tiny_config
 def test_run_folder_holds_everything(finished_run):
     run = finished_run
     assert (run / "config.yaml").is_file() and (run / "train.log").is_file()
-    assert "loss" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert re.search(r"step 40 loss \d\.\d+ .* grounding \d\.\d+", log)  # tiny.yaml trains with the grounding loss
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     steps = [step for step, _ in list_checkpoints(run / "checkpoints")]
     assert steps == [20, 40]  # every 20 steps, the last 2 kept
@@ -107,6 +110,22 @@ def test_cli_reports_user_errors_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "unknown key(s) batch_sise" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_grounding_on_data_without_masks_is_a_clear_error(tmp_path):
+    folder = tmp_path / "user"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(folder / f"{i}.png")
+    (folder / "metadata.jsonl").write_text("".join(f'{{"file_name": "{i}.png", "text": "a red thing"}}\n' for i in range(4)))
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", str(TINY), "--output-dir", str(tmp_path / "run"),
+         f"data.dataset={folder}", f"cache_dir={tmp_path / 'cache'}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "mask_file" in result.stderr and "train.grounding_weight: 0" in result.stderr
+    assert not (tmp_path / "cache" / "text_encoders").exists()  # failed before training a tiny CLIP on it
 
 
 def test_dry_run_prints_config_and_size(cache_dir):
