@@ -95,6 +95,9 @@ class TrainConfig:
     # Weight of the grounding loss (diffusion.grounding): each caption word's cross-attention kept on the
     # object it names. Needs masks and word_objects in the dataset (the shapes dataset has them); 0: off.
     grounding_weight: float = 0.0
+    # Weight, inside the grounding loss, of its coverage term: a word's attention should reach its peak
+    # across the whole object, not only on part of it (diffusion.grounding). 0: off.
+    grounding_coverage: float = 0.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
     checkpoint_every: int = 1000
@@ -239,6 +242,8 @@ def validate_config(cfg: Config) -> None:
             )
     if cfg.train.grounding_weight < 0:
         raise ConfigError(f"train.grounding_weight must be >= 0 (0 turns the grounding loss off), got {cfg.train.grounding_weight}")
+    if cfg.train.grounding_coverage < 0:
+        raise ConfigError(f"train.grounding_coverage must be >= 0 (0 turns the coverage term off), got {cfg.train.grounding_coverage}")
     if cfg.train.grounding_weight > 0 and not u.cross_attention_resolutions:
         raise ConfigError("train.grounding_weight > 0 needs cross-attention: list unet.cross_attention_resolutions")
     if not 0 <= cfg.train.caption_dropout < 1:

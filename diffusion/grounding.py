@@ -9,6 +9,11 @@ on its object, in the manner of TokenCompose's token loss (Wang et al., CVPR 202
     inside(t) = sum_p A[p, t] M_t[p] / sum_p A[p, t]        A: head-mean attention, M_t: the object's mask
     loss      = mean over grounded tokens and layers of (1 - inside(t))^2
 
+That keeps a word's attention on its object but lets it shrink to a few pixels of it. An optional
+coverage term (weight `coverage`) asks the attention to reach its own peak across the whole object:
+
+    cover(t)  = sum_p M_t[p] (1 - A[p, t] / max_{p in M_t} A[p, t])^2 / sum_p M_t[p]      (the peak held fixed)
+
 An image's objects can only be located in proportion to the signal left in it, so each image's
 term is weighted by alpha_bar(t), the signal fraction of its noise level (0 at pure noise).
 """
@@ -54,7 +59,8 @@ class GroundingLoss:
     weights: (B,) per-image weight (alpha_bar of its timestep).
     """
 
-    def __init__(self, token_objects: torch.Tensor, masks: torch.Tensor, weights: torch.Tensor):
+    def __init__(self, token_objects: torch.Tensor, masks: torch.Tensor, weights: torch.Tensor, coverage: float = 0.0):
+        self.coverage = coverage
         self.token_objects = token_objects.long()
         self.num_objects = int(masks.max()) + 1 if masks.numel() else 1
         self.object_masks = F.one_hot(masks.long(), self.num_objects).permute(0, 3, 1, 2).float()  # (B, K, S, S)
@@ -80,8 +86,15 @@ class GroundingLoss:
         token_masks = cells.gather(1, self.token_objects[:, :t, None].expand(b, t, hw))  # (B, T, HW)
         # 3. The fraction of each token's attention that lands on its object.
         inside = (attention * token_masks).sum(-1) / attention.sum(-1).clamp(min=1e-8)  # (B, T)
-        # 4. Squared shortfall, weighted per image, averaged over grounded tokens.
-        self.per_layer[layer_name] = ((1 - inside) ** 2 * self.token_weights[:, :t]).sum() / self.num_grounded
+        shortfall = (1 - inside) ** 2  # (B, T)
+        # 4. Optionally, how far the attention on the object falls below its peak there.
+        if self.coverage > 0:
+            peak = (attention * (token_masks > 0)).amax(dim=-1, keepdim=True).detach().clamp(min=1e-8)  # (B, T, 1)
+            below_peak = (1 - attention / peak).clamp(min=0) ** 2  # (B, T, HW)
+            cover = (token_masks * below_peak).sum(-1) / token_masks.sum(-1).clamp(min=1e-8)  # (B, T)
+            shortfall = shortfall + self.coverage * cover
+        # 5. Weighted per image, averaged over grounded tokens.
+        self.per_layer[layer_name] = (shortfall * self.token_weights[:, :t]).sum() / self.num_grounded
 
     def value(self) -> torch.Tensor:
         """The mean over the layers seen so far (a scalar with gradient)."""

@@ -41,6 +41,7 @@ class Grounding(NamedTuple):
 
     token_objects: torch.Tensor
     masks: torch.Tensor
+    coverage: float = 0.0  # weight of the coverage term (diffusion.grounding)
 
 
 class LossTerms(NamedTuple):
@@ -73,7 +74,7 @@ def diffusion_loss(
     recorder = None
     if grounding is not None:
         alpha_bar = scheduler.alphas_cumprod.to(images.device)[timesteps]  # (B,) the signal left in each image
-        recorder = GroundingLoss(grounding.token_objects, grounding.masks, weights=alpha_bar)
+        recorder = GroundingLoss(grounding.token_objects, grounding.masks, weights=alpha_bar, coverage=grounding.coverage)
     prediction = unet(noisy, timesteps, context, context_mask, recorder=recorder)
     per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     # 4. Optional min-SNR-gamma weighting (Hang et al. 2023), expressed for the chosen target.

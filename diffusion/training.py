@@ -313,7 +313,7 @@ def train(
         if token_objects is not None:
             kept = ["" if d else c for c, d in zip(captions, dropped.tolist())]  # a dropped caption grounds nothing
             targets = token_objects(kept, batch.word_objects).to(accelerator.device)  # (B, T)
-            grounding = Grounding(targets, batch.masks.to(accelerator.device))
+            grounding = Grounding(targets, batch.masks.to(accelerator.device), t.grounding_coverage)
         with accelerator.accumulate(unet):
             terms = diffusion_loss(unet, noise_scheduler, images, context, context_mask, t.min_snr_gamma, grounding)
             loss = terms.diffusion if terms.grounding is None else terms.diffusion + t.grounding_weight * terms.grounding

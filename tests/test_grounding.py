@@ -99,3 +99,25 @@ def test_training_on_the_grounding_loss_moves_attention_onto_the_objects(cache_d
         (terms.diffusion + terms.grounding).backward()
         optimizer.step()
     assert fixed_terms().grounding.item() < 0.7 * before
+
+
+def test_coverage_term_asks_for_the_whole_object_not_one_pixel():
+    masks = two_object_masks()
+    targets = torch.tensor([[0, 1, 0]])  # token 1 names object 1 (16 pixels)
+    flat = masks.flatten(1)[0]
+    one_pixel = torch.zeros(1, 1, 256, 3)
+    one_pixel[..., 0] = 1.0
+    first = (flat == 1).nonzero()[0, 0]
+    one_pixel[0, 0, first] = torch.tensor([0.0, 1.0, 0.0])  # token 1 takes one pixel of its object
+    whole = torch.zeros(1, 1, 256, 3)
+    whole[..., 0] = 1.0
+    whole[0, 0, flat == 1] = torch.tensor([0.0, 1.0, 0.0])  # token 1 takes every pixel of its object
+
+    def loss(probs, coverage):
+        recorder = GroundingLoss(targets, masks, weights=torch.ones(1), coverage=coverage)
+        recorder("layer", probs)
+        return recorder.value().item()
+
+    assert loss(one_pixel, 0.0) == pytest.approx(0.0, abs=1e-6)  # all of its attention is inside ...
+    assert loss(one_pixel, 1.0) == pytest.approx(15 / 16, rel=1e-5)  # ... but 15 of 16 pixels lack it
+    assert loss(whole, 1.0) == pytest.approx(0.0, abs=1e-6)
