@@ -311,8 +311,8 @@ def train(
         context, context_mask = text_cache.lookup(caption_rows, accelerator.device)
         grounding = None
         if token_objects is not None:
-            kept = ["" if d else c for c, d in zip(captions, dropped.tolist())]  # a dropped caption grounds nothing
-            targets = token_objects(kept, batch.word_objects).to(accelerator.device)  # (B, T)
+            conditioned = ["" if d else c for c, d in zip(captions, dropped.tolist())]  # a dropped caption grounds nothing
+            targets = token_objects(conditioned, batch.word_objects).to(accelerator.device)  # (B, T)
             grounding = Grounding(targets, batch.masks.to(accelerator.device), t.grounding_coverage)
         with accelerator.accumulate(unet):
             terms = diffusion_loss(unet, noise_scheduler, images, context, context_mask, t.min_snr_gamma, grounding)
