@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +83,7 @@ def main() -> None:
     print("cosine of word states, per layer (embeddings, layer 1, ...):")
     for a, b in WORD_PAIRS:
         print(f"  {a:>8s} / {b:<8s} " + " ".join(f"{c:.3f}" for c in layer_similarities(model, tokenizer, a, b)))
-    pairs = load_pairs(re.sub(r"/$", "", args.data) + "/test", model.config.vision_config.image_size)
+    pairs = load_pairs(Path(args.data) / "test", model.config.vision_config.image_size)
     for kind in ("shape", "colour", "relation"):
         score, total = swap_discrimination(model, tokenizer, pairs, args.images, kind)
         print(f"{kind} changed: true caption preferred {score:.3f} of {total}")

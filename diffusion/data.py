@@ -50,13 +50,15 @@ def swap_left_right(caption: str) -> str:
     return LEFT_RIGHT.sub(lambda m: "right" if m.group(1) == "left" else "left", caption)
 
 
-def resize_and_centre_crop(image: Image.Image, size: int) -> Image.Image:
-    """Scale the shorter side to `size` (bicubic, antialiased), then crop the centre square."""
+def resize_and_centre_crop(
+    image: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC
+) -> Image.Image:
+    """Scale the shorter side to `size` (bicubic by default), then crop the centre square."""
     width, height = image.size
     if min(width, height) != size:
         scale = size / min(width, height)
         width, height = max(size, round(width * scale)), max(size, round(height * scale))
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
+        image = image.resize((width, height), resample)
     left, top = (width - size) // 2, (height - size) // 2
     return image.crop((left, top, left + size, top + size))
 
@@ -102,12 +104,7 @@ def load_mask(path: Path, size: int) -> np.ndarray:
         if mask.mode not in ("L", "P", "1"):
             raise BadRow("bad mask", f"has mask file {path} in mode {mask.mode}; save it as 8-bit greyscale (mode L)")
         ids = mask.convert("L") if mask.mode == "1" else mask.copy()
-    width, height = ids.size
-    scale = size / min(width, height)
-    if scale != 1:
-        ids = ids.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.NEAREST)
-    left, top = (ids.size[0] - size) // 2, (ids.size[1] - size) // 2
-    return np.asarray(ids.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return np.asarray(resize_and_centre_crop(ids, size, Image.Resampling.NEAREST), dtype=np.uint8)
 
 
 @dataclass

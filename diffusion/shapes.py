@@ -472,10 +472,11 @@ def draw_split_scene(cfg: ShapesConfig, held_out: HeldOut, rng: np.random.Genera
 
 
 def metadata_row(index: int, scene: Scene, mask: np.ndarray, held_out: bool) -> dict:
+    words = caption_words(scene)
     return {
         "file_name": f"images/{index:06d}.png",
-        "text": caption(scene),
-        "word_objects": [k for _, k in caption_words(scene)],  # per caption word: the mask value it names, or 0
+        "text": " ".join(word for word, _ in words),  # = caption(scene)
+        "word_objects": [k for _, k in words],  # per caption word: the mask value it names, or 0
         "objects": [
             {
                 "shape": obj.shape,
