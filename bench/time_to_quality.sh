@@ -5,6 +5,7 @@
 #
 #   bash bench/time_to_quality.sh [RUN_DIR]        (default outputs/runs/time-to-quality)
 #   MARKS="10 20 30" bash bench/time_to_quality.sh  (minutes at which to keep a model; default 10 20 40)
+#   OVERRIDES="train.text_encoder_lr=3e-4" bash bench/time_to_quality.sh  (config overrides, for ablations)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-outputs/runs/time-to-quality}
@@ -15,7 +16,7 @@ for minutes in ${MARKS:-10 20 40}; do
   resume=()
   [ "$previous" -gt 0 ] && resume=(--resume latest)
   python train.py --config "$CONFIG" --output-dir "$RUN" "${resume[@]}" --no-progress \
-    train.max_minutes="$segment" train.validate_every=0
+    train.max_minutes="$segment" train.validate_every=0 ${OVERRIDES:-}
   rm -rf "$RUN/model-${minutes}min"
   cp -r "$RUN/model" "$RUN/model-${minutes}min"
   python sample.py --model "$RUN/model-${minutes}min" --prompts-file bench/prompts.txt --seeds 0-3 \

@@ -98,6 +98,9 @@ class TrainConfig:
     # Weight, inside the grounding loss, of its coverage term: a word's attention should reach its peak
     # across the whole object, not only on part of it (diffusion.grounding). 0: off.
     grounding_coverage: float = 0.0
+    # Learning rate of the CLIP text tower, fine-tuned with the UNet on the same losses (its EMA weights
+    # are exported with the model); 0 keeps it frozen and its states are computed once per caption.
+    text_encoder_lr: float = 0.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
     checkpoint_every: int = 1000

@@ -44,7 +44,7 @@ from diffusion.attention_maps import MapSettings
 from diffusion.generate import Job, generate
 from diffusion.pipeline import TextToImagePipeline
 from diffusion.sampling import make_sampling_scheduler
-from diffusion.text_cache import TextStateCache
+from diffusion.text_cache import CaptionRows, TextStateCache, TunedTextStates
 from diffusion.text_encoder import TextEncoder, TextEncoderLoadError, load_error_message
 from diffusion.unet import UNet
 
@@ -205,8 +205,12 @@ def train(
     captions = list(dataset.captions)
     if cfg.data.hflip:
         captions += [swap_left_right(c) for c in dataset.captions]
-    text_cache = TextStateCache(encoder, captions, progress=progress and main)
-    logger.info("dataset: %d images, %d distinct captions from %s", len(dataset), len(text_cache.row) - 1, train_dir)
+    tune_text = t.text_encoder_lr > 0  # fine-tune the text tower with the UNet, or keep it frozen
+    if tune_text:
+        encoder.model.requires_grad_(True)
+    else:
+        text_states = TextStateCache(encoder, captions, progress=progress and main)
+    logger.info("dataset: %d images, %d distinct captions from %s", len(dataset), len(set(captions)), train_dir)
 
     # 3. Model, EMA, optimizer and learning-rate schedule; identical on every process.
     set_seed(t.seed)
@@ -216,16 +220,32 @@ def train(
         unet.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup, power=3 / 4,
         model_cls=UNet, model_config=unet.config,
     )
+    parameter_groups = [{"params": list(unet.parameters())}]
+    text_ema = None
+    if tune_text:
+        parameter_groups.append({"params": list(encoder.model.parameters()), "lr": t.text_encoder_lr})
+        text_ema = EMAModel(encoder.model.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup, power=3 / 4)
+        text_params = sum(p.numel() for p in encoder.model.parameters())
+        logger.info("fine-tuning the text encoder (%.2fM parameters) at lr %g", text_params / 1e6, t.text_encoder_lr)
     optimizer = torch.optim.AdamW(
-        unet.parameters(), lr=t.learning_rate, betas=(0.9, t.adam_beta2), weight_decay=t.weight_decay
+        parameter_groups, lr=t.learning_rate, betas=(0.9, t.adam_beta2), weight_decay=t.weight_decay
     )
     if t.lr_schedule == "cosine":
         lr_schedule = get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
     else:
         lr_schedule = get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
+    if tune_text:
+        unet, text_model, optimizer = accelerator.prepare(unet, encoder.model, optimizer)
+        text_states = TunedTextStates(encoder, captions, text_model)
+        trained_models = (unet, text_model)
+        text_ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(lr_schedule, ema, text_ema)
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+        accelerator.register_for_checkpointing(lr_schedule, ema)
+        trained_models = (unet,)
     ema.to(accelerator.device)
-    accelerator.register_for_checkpointing(lr_schedule, ema)
+    trained_parameters = [p for group in optimizer.param_groups for p in group["params"]]
     noise_scheduler = make_noise_scheduler(cfg.noise)
 
     # 4. Resume, or start from step 0 with a per-process noise stream.
@@ -268,13 +288,17 @@ def train(
         accelerator.wait_for_everyone()
 
     def with_ema_weights(fn):
+        """Call fn(unet) with the EMA weights in the UNet (and in the text tower, when it is tuned)."""
         model = accelerator.unwrap_model(unet)
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
+        averaged = [(ema, model)] + ([(text_ema, encoder.model)] if tune_text else [])
+        for average, module in averaged:
+            average.store(module.parameters())
+            average.copy_to(module.parameters())
         try:
             return fn(model)
         finally:
-            ema.restore(model.parameters())
+            for average, module in averaged:
+                average.restore(module.parameters())
 
     def validate() -> None:
         """Sample the validation prompts with the EMA weights; save images, maps and a grid."""
@@ -305,16 +329,16 @@ def train(
         rows = order.rows(micro_step)
         batch = dataset.batch(rows)
         images, captions = batch.pixels.to(accelerator.device), batch.captions
-        caption_rows = text_cache.rows(captions)
+        caption_rows = text_states.rows(captions)
         dropped = torch.rand(len(captions)) < t.caption_dropout  # classifier-free guidance: learn the null prompt
-        caption_rows[dropped] = TextStateCache.NULL_ROW
-        context, context_mask = text_cache.lookup(caption_rows, accelerator.device)
+        caption_rows[dropped] = CaptionRows.NULL_ROW
         grounding = None
         if token_objects is not None:
             conditioned = ["" if d else c for c, d in zip(captions, dropped.tolist())]  # a dropped caption grounds nothing
             targets = token_objects(conditioned, batch.word_objects).to(accelerator.device)  # (B, T)
             grounding = Grounding(targets, batch.masks.to(accelerator.device), t.grounding_coverage)
-        with accelerator.accumulate(unet):
+        with accelerator.accumulate(*trained_models):
+            context, context_mask = text_states.lookup(caption_rows, accelerator.device)  # (B, T, D), (B, T)
             terms = diffusion_loss(unet, noise_scheduler, images, context, context_mask, t.min_snr_gamma, grounding)
             loss = terms.diffusion if terms.grounding is None else terms.diffusion + t.grounding_weight * terms.grounding
             if not torch.isfinite(loss):
@@ -326,7 +350,7 @@ def train(
                 )
             accelerator.backward(loss)
             if accelerator.sync_gradients and t.grad_clip > 0:
-                accelerator.clip_grad_norm_(unet.parameters(), t.grad_clip)
+                accelerator.clip_grad_norm_(trained_parameters, t.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         micro_step += 1
@@ -338,6 +362,8 @@ def train(
             continue
         lr_schedule.step()
         ema.step(unet.parameters())
+        if tune_text:
+            text_ema.step(encoder.model.parameters())
         step += 1
         bar.update(1)
 
@@ -388,6 +414,7 @@ def train(
                 {
                     "step": step,
                     "text_encoder_source": encoder_source,
+                    "text_encoder_tuned": tune_text,
                     "processes": accelerator.num_processes,
                     "replicas_identical": replicas_identical,
                 },
