@@ -62,6 +62,8 @@ class UNetConfig:
     ff_mult: int = 0
     # Add the end token's text state (CLIP's pooled output) to the timestep embedding, as SDXL does.
     pooled_text: bool = False
+    # Add a fixed sine-cosine embedding of pixel positions to the first feature map.
+    position_embedding: bool = False
 
 
 @dataclass

@@ -28,6 +28,25 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([angles.cos(), angles.sin()], dim=-1)  # (B, dim)
 
 
+def position_embedding_2d(size: int, channels: int) -> torch.Tensor:
+    """Fixed sine-cosine embedding of pixel positions: (channels, size, size).
+
+    A quarter of the channels are cos, a quarter sin of the column, the other half the same of the
+    row, at frequencies from half a period across the image (cos: a ramp from left to right) up to
+    a period of 4 pixels.
+    """
+    n = channels // 4
+    periods = 2 * size / (size / 2) ** (torch.arange(n) / max(n - 1, 1))  # (n,) from 2*size down to 4 px
+    centres = torch.arange(size) + 0.5  # (S,) pixel centres
+    angles = 2 * math.pi * centres[None, :] / periods[:, None]  # (n, S)
+    axis = torch.cat([angles.cos(), angles.sin()])  # (2n, S)
+    columns = axis[:, None, :].expand(-1, size, -1)  # (2n, S, S): varies along x
+    rows = axis[:, :, None].expand(-1, -1, size)  # (2n, S, S): varies along y
+    embedding = torch.zeros(channels, size, size)
+    embedding[: 4 * n] = torch.cat([columns, rows])
+    return embedding
+
+
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, plus the timestep embedding, twice; with a skip connection."""
 
@@ -92,6 +111,7 @@ class UNet(ModelMixin, ConfigMixin):
         dropout: float = 0.0,
         ff_mult: int = 0,
         pooled_text: bool = False,
+        position_embedding: bool = False,
     ):
         super().__init__()
         resolutions = [sample_size // 2**i for i in range(len(channel_mults))]
@@ -105,6 +125,11 @@ class UNet(ModelMixin, ConfigMixin):
             nn.Sequential(nn.Linear(context_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if pooled_text else None
         )
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        # Optional explicit pixel positions added to the first features (convolutions alone only sense
+        # position near the zero-padded borders): with them a block can place "left" or "above" anywhere.
+        self.register_buffer(
+            "position", position_embedding_2d(sample_size, base_channels) if position_embedding else None, persistent=False
+        )
 
         def block(in_ch: int, out_ch: int, res: int) -> UNetBlock:
             return UNetBlock(
@@ -200,6 +225,8 @@ class UNet(ModelMixin, ConfigMixin):
             emb = emb + self.text_mlp(end_token_states(context, context_mask))  # (B, 4C)
         # 2. Down path, remembering a skip after every block and downsampling.
         h = self.conv_in(sample)  # (B, C, S, S)
+        if self.position is not None:
+            h = h + self.position.to(h.dtype)  # (C, S, S) broadcast over the batch
         skips = [h]
         for blocks, downsample in zip(self.down, self.downsample):
             for blk in blocks:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffusion.attention import CrossAttention, attention
-from diffusion.unet import UNet, end_token_states
+from diffusion.unet import UNet, end_token_states, position_embedding_2d
 
 TINY = dict(
     sample_size=16, context_dim=24, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
@@ -120,3 +120,20 @@ def test_save_load_round_trip(tmp_path):
 def test_missing_attention_resolution_is_a_clear_error():
     with pytest.raises(ValueError, match=r"cross_attention_resolutions asks for \[4\].*choose from \[16, 8\]"):
         UNet(**{**TINY, "cross_attention_resolutions": (4,)})
+
+
+def test_position_embedding_tells_every_pixel_apart_and_is_rebuilt_from_the_config(tmp_path):
+    embedding = position_embedding_2d(16, 16)  # (C, S, S)
+    assert len({tuple(v) for v in embedding.flatten(1).T.round(decimals=5).tolist()}) == 16 * 16
+    ramp = embedding[0, 0]  # the lowest column frequency: a cosine ramp from left to right ...
+    assert (ramp[1:] < ramp[:-1]).all() and torch.equal(embedding[0], ramp.expand(16, 16))  # ... the same on every row
+    assert torch.equal(embedding[8], embedding[0].T)  # the rows get the same code along y
+
+    unet = trained_like_unet(position_embedding=True)
+    without = UNet(**TINY).eval()
+    without.load_state_dict(unet.state_dict())  # the embedding is fixed, not a weight: same state dict
+    x, t, context, mask = random_inputs()
+    assert not torch.allclose(unet(x, t, context, mask), without(x, t, context, mask))
+    unet.save_pretrained(tmp_path / "unet")
+    loaded = UNet.from_pretrained(tmp_path / "unet").eval()
+    torch.testing.assert_close(unet(x, t, context, mask), loaded(x, t, context, mask), atol=0, rtol=0)
