@@ -1,4 +1,4 @@
-"""A frozen CLIP text encoder: prompts in, per-token hidden states and a padding mask out.
+"""A CLIP text encoder: prompts in, per-token hidden states and a padding mask out.
 
 Works with any saved CLIP: a Hub id such as `openai/clip-vit-base-patch32`, a local `CLIPModel`
 directory (only its text tower is loaded) or a local `CLIPTextModel` directory. The project's
@@ -69,7 +69,8 @@ def dropped_text(prompt: str, first_dropped_char: int) -> str:
 
 
 class TextEncoder(nn.Module):
-    """A frozen CLIP tokenizer + text transformer. Always in eval mode, never trained."""
+    """A CLIP tokenizer + text transformer, frozen and always in eval mode. (Training may unfreeze the
+    text transformer to fine-tune it, `train.text_encoder_lr`; it stays in eval mode, CLIP has no dropout.)"""
 
     def __init__(self, tokenizer: CLIPTokenizer, model: CLIPTextModel):
         super().__init__()

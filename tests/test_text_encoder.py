@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer
 
+from diffusion.text_cache import TextStateCache, TunedTextStates
 from diffusion.text_encoder import TextEncoder, TextEncoderLoadError
 from diffusion.tiny_clip import TinyClipConfig, build_clip_config, retrieval_accuracy, train_tiny_clip
 from diffusion.tokenizer import END_OF_WORD, byte_alphabet, train_clip_tokenizer
@@ -252,3 +253,19 @@ def test_contrastive_loss_counts_negatives_against_the_images():
     close_negative = contrastive_loss(torch.cat([logits, torch.tensor([[5.0, -5.0]])]), caption_ids)
     assert far_negative.item() == pytest.approx(plain.item(), abs=0.01)
     assert close_negative.item() > plain.item() + 0.1
+
+
+def test_tuned_text_states_start_as_the_frozen_cache_and_carry_gradients(clip_dir):
+    encoder = TextEncoder.from_pretrained(clip_dir)
+    captions = ["a red circle", "a blue star left of a green square", "a red circle"]
+    frozen = TextStateCache(encoder, captions, progress=False)
+    tuned = TunedTextStates(encoder, captions, encoder.model.requires_grad_(True))
+    assert tuned.distinct == frozen.distinct == ["", "a red circle", "a blue star left of a green square"]
+    rows = frozen.rows(["a blue star left of a green square", ""])
+    (states, mask), (cached, cached_mask) = tuned.lookup(rows), frozen.lookup(rows)
+    assert torch.equal(mask, cached_mask) and torch.allclose(states, cached, atol=1e-5)
+    states[mask].sum().backward()  # the states reach back to the token embeddings of the words in the batch
+    embedding_grad = encoder.model.get_input_embeddings().weight.grad  # (vocab, D)
+    star = encoder.tokenizer.convert_tokens_to_ids("star</w>")
+    circle = encoder.tokenizer.convert_tokens_to_ids("circle</w>")
+    assert embedding_grad[star].abs().sum() > 0 and embedding_grad[circle].abs().sum() == 0

@@ -180,3 +180,33 @@ def test_gradient_accumulation_updates_once_per_window(cache_dir, tmp_path):
     optimizer_state = torch.load(checkpoint / "optimizer.bin", weights_only=False)["state"]
     assert int(optimizer_state[0]["step"]) == 4  # 4 optimizer updates ...
     assert json.loads((checkpoint / "training_state.json").read_text())["micro_step"] == 8  # ... from 8 batches
+
+
+def text_tower_weights(folder) -> dict[str, torch.Tensor]:
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel.from_pretrained(folder).state_dict()
+
+
+def test_text_encoder_is_frozen_by_default_and_tuned_on_request(cache_dir, finished_run, tmp_path):
+    info = json.loads((finished_run / "model" / "training_info.json").read_text())
+    source = text_tower_weights(info["text_encoder_source"])
+    frozen = text_tower_weights(finished_run / "model" / "text_encoder")
+    assert info["text_encoder_tuned"] is False and all(torch.equal(source[k], frozen[k]) for k in source)
+
+    cfg = tiny_config(cache_dir, "train.text_encoder_lr=0.001", "train.max_steps=10", "train.checkpoint_every=5",
+                      "train.validate_every=0")
+    run = tmp_path / "tuned"
+    train(cfg, output_dir=str(run), progress=False)
+    info = json.loads((run / "model" / "training_info.json").read_text())
+    tuned = text_tower_weights(run / "model" / "text_encoder")
+    assert info["text_encoder_tuned"] is True and not all(torch.equal(source[k], tuned[k]) for k in source)
+    cached = text_tower_weights(info["text_encoder_source"])  # the cached tiny CLIP itself is left as it was
+    assert all(torch.equal(source[k], cached[k]) for k in source)
+
+    # Resuming from the step-5 checkpoint continues the text tower (and its EMA) exactly.
+    shutil.rmtree(run / "checkpoints" / "checkpoint-000010")
+    shutil.rmtree(run / "model")
+    train(load_config(run / "config.yaml"), output_dir=str(run), resume="latest", progress=False)
+    resumed = text_tower_weights(run / "model" / "text_encoder")
+    assert all(torch.equal(tuned[k], resumed[k]) for k in tuned)
