@@ -397,7 +397,8 @@ def train(
 
     # 6. Export the EMA weights with everything the sampler needs.
     accelerator.wait_for_everyone()
-    checksums = accelerator.gather(parameter_checksum(unet)[None]).cpu()  # (processes, parameters)
+    checksums = torch.cat([parameter_checksum(model) for model in trained_models])  # (parameters,)
+    checksums = accelerator.gather(checksums[None]).cpu()  # (processes, parameters)
     replicas_identical = bool((checksums == checksums[0]).all())
     if not replicas_identical:
         logger.warning("the %d processes ended with different weights", accelerator.num_processes)
@@ -424,6 +425,7 @@ def train(
         )
         commit_dir(tmp, export_dir)
         logger.info("exported the EMA model to %s; sample with: python sample.py --model %s --prompt ...", export_dir, run_dir)
+    accelerator.wait_for_everyone()  # every process tears the process group down together, after the export
     accelerator.end_training()
     return run_dir
 

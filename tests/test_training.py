@@ -143,7 +143,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_keep_identical_replicas(cache_dir, tmp_path):
+def test_two_processes_keep_identical_replicas_of_unet_and_tuned_text_tower(cache_dir, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -151,12 +151,13 @@ def test_two_processes_keep_identical_replicas(cache_dir, tmp_path):
          "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
          "--dynamo_backend", "no", "train.py",
          "--config", str(TINY), "--output-dir", str(run), "--no-progress", f"cache_dir={cache_dir}",
-         "train.max_steps=10", "train.batch_size=8", "train.validate_every=0"],
+         "train.max_steps=10", "train.batch_size=8", "train.validate_every=0", "train.text_encoder_lr=1e-3"],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((run / "model" / "training_info.json").read_text())
-    assert info["processes"] == 2 and info["replicas_identical"] is True
+    assert info["processes"] == 2 and info["replicas_identical"] is True  # the UNet and the tuned text tower
+    assert info["text_encoder_tuned"] is True
 
 
 def test_resume_with_a_different_text_encoder_or_model_is_a_clear_error(cache_dir, finished_run, tmp_path):
