@@ -1,10 +1,12 @@
-"""Cost of the grounding loss: training steps with it against without, on real shapes batches.
+"""Cost per training step of the optional losses and of fine-tuning the text tower, on real shapes batches.
 
-Both variants train the same UNet weights (two copies) on the same batches of the configured
-dataset, under the config's mixed precision, with AdamW. Rounds alternate the order of the two
-variants so machine noise hits both alike; the figure is the median of per-round time ratios.
+Three variants train copies of the same UNet weights on the same batch of the configured dataset,
+under the config's mixed precision, with AdamW: "plain" (diffusion loss, frozen text states),
+"grounded" (+ the grounding loss) and "tuned" (+ the text tower fine-tuned: its states recomputed
+with gradients every step). Rounds rotate the order of the variants so machine noise hits all
+alike; the figures are medians of per-round time ratios.
 
-    python bench/grounding_overhead.py [--config configs/cpu.yaml] [--rounds 7] [--steps 5]
+    python bench/step_cost.py [--config configs/cpu.yaml] [--rounds 7] [--steps 5]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from diffusion.data import CaptionedImageFolder
 from diffusion.grounding import TokenObjectTable
 from diffusion.objective import Grounding, diffusion_loss, make_noise_scheduler
 from diffusion.prepare import prepare_dataset, prepare_text_encoder
+from diffusion.text_cache import TextStateCache, TunedTextStates
 from diffusion.text_encoder import TextEncoder
 from diffusion.training import build_unet
 
@@ -36,48 +39,60 @@ def main() -> None:
 
     cfg = load_config(args.config)
     dirs = prepare_dataset(cfg.data, Path(cfg.cache_dir))
-    encoder = TextEncoder.from_pretrained(prepare_text_encoder(cfg.text_encoder, cfg.data, Path(cfg.cache_dir), dataset_dirs=dirs))
+    source = prepare_text_encoder(cfg.text_encoder, cfg.data, Path(cfg.cache_dir), dataset_dirs=dirs)
+    encoder = TextEncoder.from_pretrained(source)
     dataset = CaptionedImageFolder(dirs[0], cfg.data.image_size, masks=True)
     table = TokenObjectTable(encoder.tokenizer, encoder.max_length)
     batch = dataset.batch(torch.arange(cfg.train.batch_size))
-    context, context_mask = encoder.encode(batch.captions)
-    grounding = Grounding(table(batch.captions, batch.word_objects), batch.masks)
+    frozen_states = TextStateCache(encoder, batch.captions, progress=False)
+    tuned_tower = copy.deepcopy(encoder.model).requires_grad_(True)
+    tuned_states = TunedTextStates(encoder, batch.captions, tuned_tower)
+    rows = frozen_states.rows(batch.captions)
+    grounding = Grounding(table(batch.captions, batch.word_objects), batch.masks, cfg.train.grounding_coverage)
     scheduler = make_noise_scheduler(cfg.noise)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
 
-    plain_unet = build_unet(cfg, encoder.hidden_size)
-    grounded_unet = copy.deepcopy(plain_unet)
-    variants = {
-        "plain": (plain_unet, None),
-        "grounded": (grounded_unet, grounding),
+    unet = build_unet(cfg, encoder.hidden_size)
+    variants = {  # name -> (UNet copy, text states, grounding targets)
+        "plain": (unet, frozen_states, None),
+        "grounded": (copy.deepcopy(unet), frozen_states, grounding),
+        "tuned": (copy.deepcopy(unet), tuned_states, grounding),
     }
-    optimizers = {name: torch.optim.AdamW(unet.parameters(), lr=1e-4) for name, (unet, _) in variants.items()}
+    optimizers = {
+        name: torch.optim.AdamW(
+            [*model.parameters(), *(tuned_tower.parameters() if states is tuned_states else [])], lr=1e-4
+        )
+        for name, (model, states, _) in variants.items()
+    }
 
     def run(name: str) -> float:
-        unet, targets = variants[name]
+        model, states, targets = variants[name]
         start = time.perf_counter()
         for _ in range(args.steps):
             with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                terms = diffusion_loss(unet, scheduler, batch.pixels, context, context_mask, grounding=targets)
+                context, context_mask = states.lookup(rows)  # (B, T, D), (B, T)
+                terms = diffusion_loss(model, scheduler, batch.pixels, context, context_mask, grounding=targets)
                 loss = terms.diffusion if terms.grounding is None else terms.diffusion + cfg.train.grounding_weight * terms.grounding
             optimizers[name].zero_grad(set_to_none=True)
             loss.backward()
             optimizers[name].step()
         return (time.perf_counter() - start) / args.steps
 
-    run("plain"), run("grounded")  # warm-up
-    ratios, times = [], {"plain": [], "grounded": []}
+    names = list(variants)
+    for name in names:  # warm-up
+        run(name)
+    times = {name: [] for name in names}
     for round_index in range(args.rounds):
-        order = ["plain", "grounded"] if round_index % 2 == 0 else ["grounded", "plain"]
-        seconds = {name: run(name) for name in order}
-        for name, value in seconds.items():
-            times[name].append(value)
-        ratios.append(seconds["grounded"] / seconds["plain"])
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
+        for name in order:
+            times[name].append(run(name))
     images = cfg.train.batch_size
     for name, values in times.items():
         median = statistics.median(values)
         print(f"{name:9s} median {median * 1000:.0f} ms/step  {images / median:.1f} img/s")
-    print(f"grounded / plain step time: median ratio {statistics.median(ratios):.3f} over {args.rounds} rounds")
+    for name, base in (("grounded", "plain"), ("tuned", "grounded")):
+        ratios = [a / b for a, b in zip(times[name], times[base])]
+        print(f"{name} / {base} step time: median ratio {statistics.median(ratios):.3f} over {args.rounds} rounds")
 
 
 if __name__ == "__main__":
