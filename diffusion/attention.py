@@ -52,12 +52,12 @@ def attention(
     return probs.to(v.dtype) @ v, probs  # (B, h, N, d)
 
 
-def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     b, n, c = x.shape
     return x.view(b, n, heads, c // heads).transpose(1, 2)  # (B, h, N, d)
 
 
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)  # (B, N, h*d)
 
@@ -91,16 +91,16 @@ class CrossAttention(nn.Module):
         b, c, h, w = x.shape
         # 1. Queries from the normalised image features, one per pixel.
         pixels = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        q = _split_heads(self.to_q(pixels), self.heads)  # (B, heads, HW, d)
+        q = split_heads(self.to_q(pixels), self.heads)  # (B, heads, HW, d)
         # 2. Keys and values from the text tokens.
-        k = _split_heads(self.to_k(context), self.heads)  # (B, heads, T, d)
-        v = _split_heads(self.to_v(context), self.heads)  # (B, heads, T, d)
+        k = split_heads(self.to_k(context), self.heads)  # (B, heads, T, d)
+        v = split_heads(self.to_v(context), self.heads)  # (B, heads, T, d)
         # 3. Attend (the explicit path only when a recorder asks for the probabilities).
         out, probs = attention(q, k, v, context_mask, return_probs=recorder is not None)
         if recorder is not None:
             recorder(self.layer_name, probs)  # (B, heads, HW, T)
         # 4. Project back and add to the residual stream.
-        out = self.to_out(_merge_heads(out))  # (B, HW, C)
+        out = self.to_out(merge_heads(out))  # (B, HW, C)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
@@ -119,9 +119,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         pixels = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        q, k, v = (_split_heads(t, self.heads) for t in self.to_qkv(pixels).chunk(3, dim=-1))  # (B, h, HW, d)
+        q, k, v = (split_heads(t, self.heads) for t in self.to_qkv(pixels).chunk(3, dim=-1))  # (B, h, HW, d)
         out, _ = attention(q, k, v, key_mask=None, return_probs=False)
-        out = self.to_out(_merge_heads(out))  # (B, HW, C)
+        out = self.to_out(merge_heads(out))  # (B, HW, C)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 

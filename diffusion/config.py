@@ -64,6 +64,9 @@ class UNetConfig:
     pooled_text: bool = False
     # Add a fixed sine-cosine embedding of pixel positions to the first feature map.
     position_embedding: bool = False
+    # Bidirectional transformer layers over the text states before cross-attention (0: none). A causal
+    # text encoder's object words cannot see a relation stated after them; these let them.
+    text_refiner_layers: int = 0
 
 
 @dataclass

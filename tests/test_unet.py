@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from diffusion.attention import CrossAttention, attention
+from diffusion.text_refiner import TextRefiner
 from diffusion.unet import UNet, end_token_states, position_embedding_2d
 
 TINY = dict(
@@ -137,3 +138,27 @@ def test_position_embedding_tells_every_pixel_apart_and_is_rebuilt_from_the_conf
     unet.save_pretrained(tmp_path / "unet")
     loaded = UNet.from_pretrained(tmp_path / "unet").eval()
     torch.testing.assert_close(unet(x, t, context, mask), loaded(x, t, context, mask), atol=0, rtol=0)
+
+
+def test_text_refiner_lets_earlier_tokens_read_later_ones_and_starts_as_identity(tmp_path):
+    _, _, context, mask = random_inputs()
+    untrained = TextRefiner(24, num_layers=2, head_dim=8)
+    torch.testing.assert_close(untrained(context, mask), context, atol=0, rtol=0)  # zero-initialised outputs
+
+    unet = trained_like_unet(text_refiner_layers=2)
+    later_changed, padding_changed = context.clone(), context.clone()
+    later_changed[2, 5] += torch.randn(24)  # a word late in row 2 (no padding there) ...
+    padding_changed[0, 5] += 100.0 * torch.randn(24)  # ... and a padding position of row 0
+    refined = unet.text_refiner(context, mask)
+    assert not torch.allclose(refined[2, 0], unet.text_refiner(later_changed, mask)[2, 0])  # ... reaches the first
+    torch.testing.assert_close(refined[0, :4], unet.text_refiner(padding_changed, mask)[0, :4])  # padding does not
+
+    x, t, _, _ = random_inputs()
+    unet.save_pretrained(tmp_path / "unet")
+    loaded = UNet.from_pretrained(tmp_path / "unet").eval()
+    torch.testing.assert_close(unet(x, t, context, mask), loaded(x, t, context, mask), atol=0, rtol=0)
+
+
+def test_text_refiner_width_must_split_into_heads():
+    with pytest.raises(ValueError, match=r"refiner's width \(24.*multiple of unet.head_dim \(16\)"):
+        UNet(**{**TINY, "head_dim": 16, "text_refiner_layers": 1})
