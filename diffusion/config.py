@@ -103,6 +103,10 @@ class TrainConfig:
     # Weight, inside the grounding loss, of its coverage term: a word's attention should reach its peak
     # across the whole object, not only on part of it (diffusion.grounding). 0: off.
     grounding_coverage: float = 0.0
+    # An image's grounding weight is alpha_bar, the signal left at its noise level (0 at pure noise),
+    # raised to this value at pure noise: above 0, attention must find an object's place from the text
+    # alone, as a layout must be chosen at the first sampling steps. 1: the same weight at every level.
+    grounding_pure_noise_weight: float = 0.0
     # Learning rate of the CLIP text tower, fine-tuned with the UNet on the same losses (its EMA weights
     # are exported with the model); 0 keeps it frozen and its states are computed once per caption.
     text_encoder_lr: float = 0.0
@@ -250,6 +254,11 @@ def validate_config(cfg: Config) -> None:
             )
     if cfg.train.grounding_weight < 0:
         raise ConfigError(f"train.grounding_weight must be >= 0 (0 turns the grounding loss off), got {cfg.train.grounding_weight}")
+    if not 0 <= cfg.train.grounding_pure_noise_weight <= 1:
+        raise ConfigError(
+            f"train.grounding_pure_noise_weight must be in [0, 1] (0: weight by the signal left, 1: every noise "
+            f"level alike), got {cfg.train.grounding_pure_noise_weight}"
+        )
     if cfg.train.grounding_coverage < 0:
         raise ConfigError(f"train.grounding_coverage must be >= 0 (0 turns the coverage term off), got {cfg.train.grounding_coverage}")
     if cfg.train.grounding_weight > 0 and not u.cross_attention_resolutions:

@@ -42,6 +42,9 @@ class Grounding(NamedTuple):
     token_objects: torch.Tensor
     masks: torch.Tensor
     coverage: float = 0.0  # weight of the coverage term (diffusion.grounding)
+    # Weight of an image's grounding term at pure noise, rising linearly with alpha_bar to 1 at no noise.
+    # 0: in proportion to the signal left. Above 0 the text alone must say where objects go (the layout).
+    pure_noise_weight: float = 0.0
 
 
 class LossTerms(NamedTuple):
@@ -74,7 +77,9 @@ def diffusion_loss(
     recorder = None
     if grounding is not None:
         alpha_bar = scheduler.alphas_cumprod.to(images.device)[timesteps]  # (B,) the signal left in each image
-        recorder = GroundingLoss(grounding.token_objects, grounding.masks, weights=alpha_bar, coverage=grounding.coverage)
+        floor = grounding.pure_noise_weight
+        weights = floor + (1 - floor) * alpha_bar  # (B,)
+        recorder = GroundingLoss(grounding.token_objects, grounding.masks, weights=weights, coverage=grounding.coverage)
     prediction = unet(noisy, timesteps, context, context_mask, recorder=recorder)
     per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     # 4. Optional min-SNR-gamma weighting (Hang et al. 2023), expressed for the chosen target.

@@ -336,7 +336,9 @@ def train(
         if token_objects is not None:
             conditioned = ["" if d else c for c, d in zip(captions, dropped.tolist())]  # a dropped caption grounds nothing
             targets = token_objects(conditioned, batch.word_objects).to(accelerator.device)  # (B, T)
-            grounding = Grounding(targets, batch.masks.to(accelerator.device), t.grounding_coverage)
+            grounding = Grounding(
+                targets, batch.masks.to(accelerator.device), t.grounding_coverage, t.grounding_pure_noise_weight
+            )
         with accelerator.accumulate(*trained_models):
             context, context_mask = text_states.lookup(caption_rows, accelerator.device)  # (B, T, D), (B, T)
             terms = diffusion_loss(unet, noise_scheduler, images, context, context_mask, t.min_snr_gamma, grounding)

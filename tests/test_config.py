@@ -46,6 +46,8 @@ def test_cross_field_checks():
         load_config(None, ["train.mixed_precision=fp8"])
     with pytest.raises(ConfigError, match="shapes.colours"):
         load_config(None, ["data.shapes.colours=[mauve]"])
+    with pytest.raises(ConfigError, match=r"train.grounding_pure_noise_weight must be in \[0, 1\]"):
+        load_config(None, ["train.grounding_pure_noise_weight=2"])
 
 
 def test_missing_file_names_presets(tmp_path):

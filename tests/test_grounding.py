@@ -121,3 +121,22 @@ def test_coverage_term_asks_for_the_whole_object_not_one_pixel():
     assert loss(one_pixel, 0.0) == pytest.approx(0.0, abs=1e-6)  # all of its attention is inside ...
     assert loss(one_pixel, 1.0) == pytest.approx(15 / 16, rel=1e-5)  # ... but 15 of 16 pixels lack it
     assert loss(whole, 1.0) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pure_noise_weight_grounds_the_noisiest_images_too(cache_dir):
+    cfg = tiny_config(cache_dir)
+    torch.manual_seed(0)
+    unet = build_unet(cfg, context_dim=8)
+    scheduler = make_noise_scheduler(cfg.noise)
+    masks = two_object_masks().expand(8, -1, -1).clone()  # (8, 16, 16)
+    images = torch.where(masks[:, None] > 0, 1.0, -1.0).expand(-1, 3, -1, -1).clone()
+    context, context_mask = torch.randn(8, 4, 8), torch.ones(8, 4, dtype=torch.bool)
+
+    def grounding_term(pure_noise_weight):
+        torch.manual_seed(123)  # the same timesteps and noise every time
+        grounding = Grounding(torch.tensor([[0, 1, 2, 0]] * 8), masks, pure_noise_weight=pure_noise_weight)
+        return diffusion_loss(unet, scheduler, images, context, context_mask, grounding=grounding).grounding.item()
+
+    by_signal, halfway, uniform = grounding_term(0.0), grounding_term(0.5), grounding_term(1.0)
+    assert uniform > by_signal  # the noisier images now count in full
+    assert halfway == pytest.approx((by_signal + uniform) / 2, rel=1e-5)  # weights interpolate linearly
