@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion.attention import merge_heads, split_heads, attention
+from diffusion.attention import attention, merge_heads, split_heads
 
 
 class TextRefinerLayer(nn.Module):
