@@ -77,15 +77,22 @@ def test_loss_pools_masks_to_each_layer_and_averages_layers():
     assert loss.per_layer["fine"].item() == pytest.approx(loss.per_layer["coarse"].item(), rel=1e-5)
 
 
-def test_training_on_the_grounding_loss_moves_attention_onto_the_objects(cache_dir):
+def two_object_batch(cache_dir, batch):
+    """A tiny UNet, its noise schedule, and `batch` copies of two white objects on black with their
+    masks (B, 16, 16) and random text states (B, 4, 8) whose tokens 1 and 2 name objects 1 and 2."""
     cfg = tiny_config(cache_dir)
     torch.manual_seed(0)
     unet = build_unet(cfg, context_dim=8)
-    scheduler = make_noise_scheduler(cfg.noise)
-    masks = two_object_masks().expand(4, -1, -1).clone()  # (4, 16, 16)
+    masks = two_object_masks().expand(batch, -1, -1).clone()  # (B, 16, 16)
     images = torch.where(masks[:, None] > 0, 1.0, -1.0).expand(-1, 3, -1, -1).clone()  # objects white on black
-    context, context_mask = torch.randn(4, 4, 8), torch.ones(4, 4, dtype=torch.bool)
-    grounding = Grounding(torch.tensor([[0, 1, 2, 0]] * 4), masks)
+    context, context_mask = torch.randn(batch, 4, 8), torch.ones(batch, 4, dtype=torch.bool)
+    token_ids = torch.tensor([[0, 1, 2, 0]] * batch)
+    return unet, make_noise_scheduler(cfg.noise), images, masks, context, context_mask, token_ids
+
+
+def test_training_on_the_grounding_loss_moves_attention_onto_the_objects(cache_dir):
+    unet, scheduler, images, masks, context, context_mask, token_ids = two_object_batch(cache_dir, 4)
+    grounding = Grounding(token_ids, masks)
 
     def fixed_terms():
         torch.manual_seed(123)  # the same timesteps and noise every time
@@ -124,17 +131,11 @@ def test_coverage_term_asks_for_the_whole_object_not_one_pixel():
 
 
 def test_pure_noise_weight_grounds_the_noisiest_images_too(cache_dir):
-    cfg = tiny_config(cache_dir)
-    torch.manual_seed(0)
-    unet = build_unet(cfg, context_dim=8)
-    scheduler = make_noise_scheduler(cfg.noise)
-    masks = two_object_masks().expand(8, -1, -1).clone()  # (8, 16, 16)
-    images = torch.where(masks[:, None] > 0, 1.0, -1.0).expand(-1, 3, -1, -1).clone()
-    context, context_mask = torch.randn(8, 4, 8), torch.ones(8, 4, dtype=torch.bool)
+    unet, scheduler, images, masks, context, context_mask, token_ids = two_object_batch(cache_dir, 8)
 
     def grounding_term(pure_noise_weight):
         torch.manual_seed(123)  # the same timesteps and noise every time
-        grounding = Grounding(torch.tensor([[0, 1, 2, 0]] * 8), masks, pure_noise_weight=pure_noise_weight)
+        grounding = Grounding(token_ids, masks, pure_noise_weight=pure_noise_weight)
         return diffusion_loss(unet, scheduler, images, context, context_mask, grounding=grounding).grounding.item()
 
     by_signal, halfway, uniform = grounding_term(0.0), grounding_term(0.5), grounding_term(1.0)
