@@ -23,7 +23,7 @@ import statistics
 
 import torch
 
-from diffusion.eval_prompts import Vocabulary, pair_prompts
+from diffusion.eval_prompts import build_tasks
 from diffusion.evaluate import read_run_config, shapes_info
 from diffusion.pipeline import TextToImagePipeline, find_model_dir
 from diffusion.sampling import initial_noise
@@ -75,7 +75,7 @@ def main() -> None:
 
     pipe = TextToImagePipeline.from_run(args.model)
     info, _ = shapes_info(read_run_config(find_model_dir(args.model)))
-    prompts = pair_prompts(Vocabulary.from_info(info), 16)  # the evaluation's spatial prompts
+    prompts = next(task.prompts for task in build_tasks(info) if task.name == "spatial")  # the evaluation's
     results = {}
     for scale in (1.0, args.guidance):
         gaps, correct = [], []
