@@ -30,6 +30,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1 = none (default 3)")
+    parser.add_argument(
+        "--guidance-rescale", type=float, default=0.0,
+        help="0..1: pull the guided prediction's std back to the conditional one's (Lin et al. 2024; default 0, off)",
+    )
     parser.add_argument("--scheduler", default="ddim", help="ddim (default), dpm++, euler or ddpm")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--out", help="output folder (default outputs/samples/<run name>)")
@@ -50,6 +54,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--steps must be at least 1, got {args.steps}")
     if args.guidance < 0:
         raise UserError(f"--guidance must be >= 0 (1 turns guidance off), got {args.guidance}")
+    if not 0 <= args.guidance_rescale <= 1:
+        raise UserError(f"--guidance-rescale must be in [0, 1] (0 turns it off), got {args.guidance_rescale}")
     if args.num_images < 1 or args.batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1")
     if not args.prompt and not args.prompts_file:
@@ -92,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         pipe, jobs, out_dir, args.batch_size, args.steps, args.guidance, args.negative_prompt, settings,
         extra_manifest={
             "model": str(model_dir.resolve()), "scheduler": args.scheduler, "steps": args.steps,
-            "guidance_scale": args.guidance, "negative_prompt": args.negative_prompt,
+            "guidance_scale": args.guidance, "guidance_rescale": args.guidance_rescale,
+            "negative_prompt": args.negative_prompt,
         },
-        progress=not args.no_progress,
+        progress=not args.no_progress, guidance_rescale=args.guidance_rescale,
     )
     print(f"wrote {len(written)} image(s) to {out_dir}" + ("" if args.no_maps else " with their attention maps (*.attn/)"))
     if args.html:

@@ -80,6 +80,7 @@ def generate(
     maps: MapSettings | None = None,
     extra_manifest: dict | None = None,
     progress: bool = True,
+    guidance_rescale: float = 0.0,
 ) -> list[Path]:
     """Sample every job in batches of `batch_size` and write images (and maps when `maps` is set)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +92,7 @@ def generate(
     for batch in batches:
         output = pipe(
             [j.prompt for j in batch], [j.seed for j in batch], num_steps=num_steps, guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
             negative_prompt=negative_prompt, return_attention=maps is not None, map_settings=maps,
             callback=lambda i, t: steps_bar.update(1),
         )

@@ -119,6 +119,7 @@ class TextToImagePipeline(DiffusionPipeline):
         seeds: list[int],
         num_steps: int = 25,
         guidance_scale: float = 3.0,
+        guidance_rescale: float = 0.0,
         negative_prompt: str = "",
         return_attention: bool = False,
         map_settings: MapSettings | None = None,
@@ -131,6 +132,8 @@ class TextToImagePipeline(DiffusionPipeline):
             raise UserError(f"the number of steps must be at least 1, got {num_steps}")
         if guidance_scale < 0:
             raise UserError(f"the guidance scale must be >= 0 (1 = no guidance), got {guidance_scale}")
+        if not 0 <= guidance_rescale <= 1:
+            raise UserError(f"the guidance rescale must be in [0, 1] (0 = plain guidance), got {guidance_rescale}")
         # Prompts and the negative (or empty) prompt in one pass of the text encoder.
         states, masks = self.encode([*prompts, negative_prompt])  # (B + 1, T, D), (B + 1, T)
         context, mask = states[:-1], masks[:-1]  # (B, T, D), (B, T)
@@ -148,7 +151,7 @@ class TextToImagePipeline(DiffusionPipeline):
 
         images = sample(
             self.unet, self.scheduler, context, mask, null_context, null_mask, generators,
-            num_steps=num_steps, guidance_scale=guidance_scale,
+            num_steps=num_steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
             recorder_for_step=aggregator.recorder_for_step if aggregator else None, callback=after_step,
         )
         attention = self._per_image(aggregator.result(), prompts, aggregator.settings) if aggregator else None

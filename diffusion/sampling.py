@@ -35,6 +35,23 @@ def initial_noise(generators: list[torch.Generator], shape: tuple[int, ...], dev
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance of model outputs (B, C, S, S), optionally rescaled.
+
+    rescale in [0, 1] blends the guided output with itself scaled to the conditional output's
+    standard deviation, per image (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed", sec. 3.4, for zero terminal SNR); like diffusers, it acts on the model output.
+    """
+    # 1. uncond + w (cond - uncond): (B, C, S, S).
+    guided = uncond + scale * (cond - uncond)
+    if rescale == 0:
+        return guided
+    # 2. Per image, bring the guided output's std back to the conditional one's, and blend.
+    std_cond = cond.std(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    std_guided = guided.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)  # (B, 1, 1, 1)
+    return rescale * guided * (std_cond / std_guided) + (1 - rescale) * guided
+
+
 @torch.no_grad()
 def sample(
     unet: torch.nn.Module,
@@ -46,14 +63,16 @@ def sample(
     generators: list[torch.Generator],
     num_steps: int = 25,
     guidance_scale: float = 3.0,
+    guidance_rescale: float = 0.0,
     recorder_for_step: Callable[[int, int], AttentionRecorder | None] | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Denoise pure noise into images in [-1, 1]: (B, C, S, S).
 
     context: (B, T, D) text states of the prompts, context_mask: (B, T); null_*: the unconditional
-    (empty or negative) prompt's, (1 or B, T, D) / (1 or B, T). `recorder_for_step(i, t)` gives the
-    attention recorder to pass to the UNet at step i (or None); `callback(i, t)` runs after step i.
+    (empty or negative) prompt's, (1 or B, T, D) / (1 or B, T); guidance_rescale: see `guide`.
+    `recorder_for_step(i, t)` gives the attention recorder to pass to the UNet at step i (or None);
+    `callback(i, t)` runs after step i.
     """
     b = context.shape[0]
     size = unet.config.sample_size
@@ -72,10 +91,10 @@ def sample(
         recorder = recorder_for_step(i, int(t)) if recorder_for_step is not None else None
         x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
         out = unet(x_in, t.expand(x_in.shape[0]), context, context_mask, recorder=recorder)
-        # 2. Classifier-free guidance: uncond + w (cond - uncond).
+        # 2. Classifier-free guidance: uncond + w (cond - uncond), optionally rescaled.
         if guided:
-            cond, uncond = out.chunk(2)
-            out = uncond + guidance_scale * (cond - uncond)
+            cond, uncond = out.chunk(2)  # (B, C, S, S) each
+            out = guide(cond, uncond, guidance_scale, guidance_rescale)
         # 3. One scheduler step towards t-1.
         x = scheduler.step(out, t, x, **step_kwargs).prev_sample
         if callback is not None:

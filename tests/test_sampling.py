@@ -13,6 +13,7 @@ from diffusion.generate import parse_seeds
 from diffusion.map_export import slug
 from diffusion.pipeline import TextToImagePipeline
 from diffusion.prompt_tokens import PromptTokens, prompt_tokens
+from diffusion.sampling import guide
 
 from conftest import ROOT
 
@@ -147,6 +148,7 @@ def test_empty_and_long_prompts(finished_run, tmp_path):
         (["--scheduler", "plms"], "unknown --scheduler 'plms'; choose one of: ddim, dpm++, euler, ddpm"),
         (["--steps", "0"], "--steps must be at least 1"),
         (["--guidance", "-1"], "--guidance must be >= 0"),
+        (["--guidance-rescale", "1.5"], "--guidance-rescale must be in [0, 1]"),
         (["--seeds", "x-y"], "write seeds as"),
     ],
 )
@@ -167,6 +169,35 @@ def test_every_scheduler_samples(pipe):
         image = pipe(["a red circle"], [0], num_steps=3).images[0]
         assert image.size == (16, 16)
     pipe.use_scheduler("ddim")
+
+
+def test_guidance_rescale_restores_the_conditional_std():
+    gen = torch.Generator().manual_seed(0)
+    cond, uncond = torch.randn(2, 3, 4, 4, generator=gen), 0.5 * torch.randn(2, 3, 4, 4, generator=gen)
+    plain = guide(cond, uncond, 3.0)
+    assert torch.allclose(plain, uncond + 3.0 * (cond - uncond))
+    assert torch.equal(guide(cond, uncond, 3.0, rescale=0.0), plain)
+    full = guide(cond, uncond, 3.0, rescale=1.0)
+    # Each image's std is the conditional one's; its direction is the guided one's.
+    assert torch.allclose(full.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)))
+    ratio = full / plain
+    assert torch.allclose(ratio, ratio[:, :1, :1, :1].expand_as(ratio))
+    assert not torch.allclose(full, plain)
+    assert torch.allclose(guide(cond, uncond, 3.0, rescale=0.5), (full + plain) / 2)
+
+
+def test_guidance_rescale_changes_the_image_and_is_recorded(pipe, finished_run, tmp_path):
+    plain = np.asarray(pipe(["a red circle"], [0], num_steps=3).images[0], dtype=float)
+    rescaled = np.asarray(pipe(["a red circle"], [0], num_steps=3, guidance_rescale=0.7).images[0], dtype=float)
+    assert np.abs(plain - rescaled).max() > 0
+    out = tmp_path / "samples"
+    result = run_cli(
+        "--model", str(finished_run), "--prompt", "a red circle", "--steps", "2", "--guidance-rescale", "0.7",
+        "--out", str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(next(out.glob("*.attn/manifest.json")).read_text())
+    assert manifest["guidance_rescale"] == 0.7
 
 
 def test_seed_ranges():
