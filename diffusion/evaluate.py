@@ -91,8 +91,8 @@ def sample_missing(pipe_loader, jobs, samples_dir: Path, args, model_dir: Path) 
     """Sample the jobs whose image and maps are not in samples_dir yet; (sampled, reused).
 
     An image already there is reused when its manifest records the same model (path and training
-    step), steps and guidance;
-    one made with other settings stops the evaluation unless --overwrite.
+    step), scheduler, steps, guidance scale and rescale; one made with other settings stops the
+    evaluation unless --overwrite.
     """
     from diffusion.attention_maps import MapSettings
     from diffusion.generate import generate
@@ -100,7 +100,10 @@ def sample_missing(pipe_loader, jobs, samples_dir: Path, args, model_dir: Path) 
     names = [j.file_name for j in jobs]
     if len(set(names)) != len(names):
         raise UserError("two prompts map to the same file name; make them differ in their first 60 characters")
-    settings = {"model": str(model_dir.resolve()), "steps": args.steps, "guidance_scale": args.guidance}
+    settings = {
+        "model": str(model_dir.resolve()), "scheduler": args.scheduler, "steps": args.steps,
+        "guidance_scale": args.guidance, "guidance_rescale": args.guidance_rescale,
+    }
     info = model_dir / "training_info.json"
     if info.is_file():  # a re-exported model at the same path has another step
         settings["model_step"] = json.loads(info.read_text()).get("step")
@@ -111,6 +114,8 @@ def sample_missing(pipe_loader, jobs, samples_dir: Path, args, model_dir: Path) 
             todo.append(job)
             continue
         recorded = json.loads(manifest.read_text())
+        # Manifests written before --guidance-rescale existed lack it: they were made without it.
+        recorded.setdefault("guidance_rescale", 0.0)
         if any(recorded.get(k) != v for k, v in settings.items()):
             raise UserError(
                 f"{samples_dir} holds {job.file_name} made with other settings "
@@ -118,9 +123,11 @@ def sample_missing(pipe_loader, jobs, samples_dir: Path, args, model_dir: Path) 
             )
     if todo:
         pipe = pipe_loader()
+        pipe.use_scheduler(args.scheduler)
         generate(
             pipe, todo, samples_dir, args.batch_size, args.steps, args.guidance, maps=MapSettings(keep_layers=False),
-            extra_manifest={**settings, "scheduler": "ddim", "negative_prompt": ""}, progress=not args.no_progress,
+            extra_manifest={**settings, "negative_prompt": ""}, progress=not args.no_progress,
+            guidance_rescale=args.guidance_rescale,
         )
     return len(todo), len(jobs) - len(todo)
 
@@ -388,7 +395,9 @@ def markdown(results: dict) -> str:
     lines = [
         f"# Evaluation of {results['run_name']}",
         "",
-        f"Model `{results['model']}`; {s['seeds']} seed(s) per prompt, {s['steps']} DDIM steps, guidance {s['guidance']}"
+        f"Model `{results['model']}`; {s['seeds']} seed(s) per prompt, {s['steps']} {s['scheduler']} steps, "
+        f"guidance {s['guidance']}"
+        + (f" rescaled {s['guidance_rescale']}" if s.get("guidance_rescale") else "")
         + (" (quick)" if s["quick"] else "") + f"; {results['images']} images.",
         "",
         "## Prompt fidelity",
@@ -540,6 +549,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, help="seeds per prompt, 0..N-1 (default 4; 2 with --quick)")
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0, help="0..1, as in sample.py (default 0, off)")
+    parser.add_argument("--scheduler", default="ddim", help="ddim (default), dpm++, euler or ddpm")
     parser.add_argument("--quick", action="store_true", help="a handful of prompts per task (for tests)")
     parser.add_argument("--masks", help="JSONL of {prompt, seed, masks: {word: mask.png}} for attention localisation")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
@@ -553,6 +564,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError("--seeds, --steps and --batch-size must be at least 1")
     if args.guidance < 0:
         raise UserError(f"--guidance must be >= 0 (1 turns guidance off), got {args.guidance}")
+    if not 0 <= args.guidance_rescale <= 1:
+        raise UserError(f"--guidance-rescale must be in [0, 1] (0 turns it off), got {args.guidance_rescale}")
+    from diffusion.sampling import SCHEDULERS
+
+    if args.scheduler not in SCHEDULERS:
+        raise UserError(f"unknown --scheduler {args.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
     return args
 
 
@@ -630,7 +647,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         "run_name": run_name(model_dir),
         "images": len(jobs),
         "settings": {
-            "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "scheduler": "ddim", "quick": args.quick,
+            "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance,
+            "guidance_rescale": args.guidance_rescale, "scheduler": args.scheduler, "quick": args.quick,
             "relation_margin_px": RELATION_MARGIN_PX, "detector": detector.to_dict(),
         },
         "dataset_info": info_source,

@@ -60,6 +60,21 @@ def test_rerun_reuses_samples_and_refuses_other_settings(finished_run, quick_eva
     assert "0 image(s) sampled" in capsys.readouterr().out
     assert main([*args, "--steps", "5"]) == 2
     assert "other settings" in capsys.readouterr().err
+    for other in (["--scheduler", "euler"], ["--guidance-rescale", "0.7"]):
+        assert main([*args, "--steps", "4", *other]) == 2
+        assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--scheduler", "plms"], "unknown --scheduler 'plms'"),
+        (["--guidance-rescale", "-0.1"], "--guidance-rescale must be in [0, 1]"),
+    ],
+)
+def test_bad_sampler_flags(finished_run, tmp_path, capsys, flags, message):
+    assert main(["--model", str(finished_run), "--out", str(tmp_path / "eval"), *flags]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "eval").exists()
 
 
 def test_localisation_scores():
