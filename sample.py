@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from diffusion import sampler_defaults as defaults
 from diffusion.errors import UserError, exit_on_user_error
 
 
@@ -28,13 +29,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="first seed; images use seed, seed+1, ... (default 0)")
     parser.add_argument("--seeds", help="explicit seeds, e.g. 0-15 or 1,5,9 (overrides --seed/--num-images)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale; 1 = none (default 3)")
+    parser.add_argument("--steps", type=int, default=defaults.STEPS, help=f"denoising steps (default {defaults.STEPS})")
+    parser.add_argument(
+        "--guidance", type=float, default=defaults.GUIDANCE,
+        help=f"classifier-free guidance scale; 1 = none (default {defaults.GUIDANCE:g})",
+    )
     parser.add_argument(
         "--guidance-rescale", type=float, default=0.0,
         help="0..1: pull the guided prediction's std back to the conditional one's (Lin et al. 2024; default 0, off)",
     )
-    parser.add_argument("--scheduler", default="ddim", help="ddim (default), dpm++, euler or ddpm")
+    parser.add_argument(
+        "--scheduler", default=defaults.SCHEDULER, help=f"ddpm, ddim, dpm++ or euler (default {defaults.SCHEDULER})"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--out", help="output folder (default outputs/samples/<run name>)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing images with the same names")

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from diffusion import sampler_defaults as defaults
 from diffusion.errors import UserError
 from diffusion.shapes import ShapesConfig
 from diffusion.tiny_clip import TinyClipConfig
@@ -126,8 +127,8 @@ class TrainConfig:
             "a purple star above an orange circle",
         ]
     )
-    validation_steps: int = 25
-    validation_guidance: float = 3.0
+    validation_steps: int = defaults.STEPS
+    validation_guidance: float = defaults.GUIDANCE
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Does the model follow the prompt, and do its attention maps point at the right object?
 
     python -m diffusion.evaluate --model outputs/runs/cpu
-    python -m diffusion.evaluate --model outputs/runs/cpu --seeds 8 --steps 25 --guidance 3 --out outputs/eval/cpu
+    python -m diffusion.evaluate --model outputs/runs/cpu --seeds 8 --steps 50 --guidance 3 --out outputs/eval/cpu
     python -m diffusion.evaluate --model outputs/runs/cpu --quick          # a handful of prompts, 2 seeds
     python -m diffusion.evaluate --model outputs/runs/mine --masks masks.jsonl   # a model of your own data
 
@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from diffusion import sampler_defaults as defaults
 from diffusion.errors import UserError, exit_on_user_error
 
 THRESHOLD = 0.5  # a word's map, divided by its maximum, marks the pixels where it is >= this
@@ -547,10 +548,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="a run folder (outputs/runs/<name>) or an exported model folder")
     parser.add_argument("--out", help="output folder (default outputs/eval/<run name>)")
     parser.add_argument("--seeds", type=int, help="seeds per prompt, 0..N-1 (default 4; 2 with --quick)")
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    parser.add_argument("--steps", type=int, default=defaults.STEPS, help=f"denoising steps (default {defaults.STEPS})")
+    parser.add_argument(
+        "--guidance", type=float, default=defaults.GUIDANCE,
+        help=f"classifier-free guidance scale (default {defaults.GUIDANCE:g})",
+    )
     parser.add_argument("--guidance-rescale", type=float, default=0.0, help="0..1, as in sample.py (default 0, off)")
-    parser.add_argument("--scheduler", default="ddim", help="ddim (default), dpm++, euler or ddpm")
+    parser.add_argument(
+        "--scheduler", default=defaults.SCHEDULER, help=f"ddpm, ddim, dpm++ or euler (default {defaults.SCHEDULER})"
+    )
     parser.add_argument("--quick", action="store_true", help="a handful of prompts per task (for tests)")
     parser.add_argument("--masks", help="JSONL of {prompt, seed, masks: {word: mask.png}} for attention localisation")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")

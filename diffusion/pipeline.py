@@ -18,6 +18,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from diffusion import sampler_defaults as defaults
 from diffusion.attention_maps import AttentionAggregator, AttentionMaps, MapSettings
 from diffusion.errors import UserError
 from diffusion.prompt_tokens import PromptTokens, prompt_tokens
@@ -117,8 +118,8 @@ class TextToImagePipeline(DiffusionPipeline):
         self,
         prompts: list[str],
         seeds: list[int],
-        num_steps: int = 25,
-        guidance_scale: float = 3.0,
+        num_steps: int = defaults.STEPS,
+        guidance_scale: float = defaults.GUIDANCE,
         guidance_rescale: float = 0.0,
         negative_prompt: str = "",
         return_attention: bool = False,

@@ -13,6 +13,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from diffusion import sampler_defaults as defaults
 from diffusion.attention import AttentionRecorder
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
@@ -61,8 +62,8 @@ def sample(
     null_context: torch.Tensor,
     null_mask: torch.Tensor,
     generators: list[torch.Generator],
-    num_steps: int = 25,
-    guidance_scale: float = 3.0,
+    num_steps: int = defaults.STEPS,
+    guidance_scale: float = defaults.GUIDANCE,
     guidance_rescale: float = 0.0,
     recorder_for_step: Callable[[int, int], AttentionRecorder | None] | None = None,
     callback: Callable[[int, int], None] | None = None,

@@ -25,6 +25,7 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
+from diffusion import sampler_defaults as defaults
 from diffusion.checkpoints import (
     STATE_FILE,
     commit_dir,
@@ -306,7 +307,7 @@ def train(
         jobs = [Job(prompt, seed=0) for prompt in t.validation_prompts]
 
         def run(model: UNet) -> list[Path]:
-            sampler = make_sampling_scheduler("ddim", noise_scheduler.config)
+            sampler = make_sampling_scheduler(defaults.SCHEDULER, noise_scheduler.config)
             pipe = TextToImagePipeline(model, sampler, encoder.model, encoder.tokenizer)
             return generate(
                 pipe, jobs, folder, batch_size=len(jobs), num_steps=t.validation_steps,
@@ -407,7 +408,7 @@ def train(
     if main:
         export_dir = run_dir / "model"
         tmp = staging_dir(export_dir)
-        sampler = make_sampling_scheduler("ddim", noise_scheduler.config)  # same schedule, the default sampler
+        sampler = make_sampling_scheduler(defaults.SCHEDULER, noise_scheduler.config)  # same schedule, the default sampler
         with_ema_weights(
             lambda model: TextToImagePipeline(model, sampler, encoder.model, encoder.tokenizer).save_pretrained(tmp)
         )

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from diffusion import sampler_defaults
 from diffusion.attention_maps import MapSettings
 from diffusion.generate import parse_seeds
 from diffusion.map_export import slug
 from diffusion.pipeline import TextToImagePipeline
 from diffusion.prompt_tokens import PromptTokens, prompt_tokens
-from diffusion.sampling import guide
+from diffusion.sampling import SCHEDULERS, guide
 
 from conftest import ROOT
 
@@ -105,7 +106,8 @@ def test_cli_writes_images_maps_and_manifest(finished_run, tmp_path):
     assert {f"step/{i}" for i in manifest["snapshot_steps"]} <= set(arrays.files) and manifest["snapshot_steps"]
     assert sorted(p.name for p in (folder / "words").iterdir()) == manifest["word_files"]
     assert (folder / "grid.png").is_file()
-    assert manifest["seed"] == 1 and manifest["scheduler"] == "ddim" and manifest["guidance_scale"] == 3.0
+    assert manifest["seed"] == 1 and manifest["steps"] == 3
+    assert manifest["scheduler"] == sampler_defaults.SCHEDULER and manifest["guidance_scale"] == sampler_defaults.GUIDANCE
     assert manifest["tokens"][manifest["start_token"]] == "<|startoftext|>"
     assert manifest["tokens"][manifest["end_token"]] == "<|endoftext|>"
     # The manifest round-trips into the token -> word key it was written from.
@@ -208,6 +210,9 @@ def test_seed_ranges():
 
 def test_export_is_a_diffusers_pipeline(finished_run, tmp_path):
     loaded = TextToImagePipeline.from_pretrained(finished_run / "model")
+    # The export carries the default sampler, on the training noise schedule.
+    assert type(loaded.scheduler) is SCHEDULERS[sampler_defaults.SCHEDULER]
+    assert loaded.scheduler.config.prediction_type == "v_prediction"
     loaded.save_pretrained(tmp_path / "copy")
     again = TextToImagePipeline.from_pretrained(tmp_path / "copy")
     a = loaded(["a red circle"], [0], num_steps=3).images[0]
