@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffusion import sampler_defaults as defaults
+from diffusion.sampler_defaults import add_sampler_arguments, check_sampler_arguments
 from diffusion.errors import UserError, exit_on_user_error
 
 
@@ -29,18 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="first seed; images use seed, seed+1, ... (default 0)")
     parser.add_argument("--seeds", help="explicit seeds, e.g. 0-15 or 1,5,9 (overrides --seed/--num-images)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
-    parser.add_argument("--steps", type=int, default=defaults.STEPS, help=f"denoising steps (default {defaults.STEPS})")
-    parser.add_argument(
-        "--guidance", type=float, default=defaults.GUIDANCE,
-        help=f"classifier-free guidance scale; 1 = none (default {defaults.GUIDANCE:g})",
-    )
-    parser.add_argument(
-        "--guidance-rescale", type=float, default=0.0,
-        help="0..1: pull the guided prediction's std back to the conditional one's (Lin et al. 2024; default 0, off)",
-    )
-    parser.add_argument(
-        "--scheduler", default=defaults.SCHEDULER, help=f"ddpm, ddim, dpm++ or euler (default {defaults.SCHEDULER})"
-    )
+    add_sampler_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--out", help="output folder (default outputs/samples/<run name>)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing images with the same names")
@@ -56,12 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}")
-    if args.guidance < 0:
-        raise UserError(f"--guidance must be >= 0 (1 turns guidance off), got {args.guidance}")
-    if not 0 <= args.guidance_rescale <= 1:
-        raise UserError(f"--guidance-rescale must be in [0, 1] (0 turns it off), got {args.guidance_rescale}")
+    check_sampler_arguments(args)
     if args.num_images < 1 or args.batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1")
     if not args.prompt and not args.prompts_file:
@@ -77,10 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     from diffusion.attention_maps import MapSettings
     from diffusion.generate import check_outputs_free, generate, parse_seeds, plan_jobs, read_prompts_file
     from diffusion.pipeline import TextToImagePipeline, find_model_dir
-    from diffusion.sampling import SCHEDULERS
-
-    if args.scheduler not in SCHEDULERS:
-        raise UserError(f"unknown --scheduler {args.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.seed, args.seed + args.num_images))
     window = None

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from diffusion import sampler_defaults as defaults
+from diffusion.sampler_defaults import add_sampler_arguments, check_sampler_arguments
 from diffusion.errors import UserError, exit_on_user_error
 
 THRESHOLD = 0.5  # a word's map, divided by its maximum, marks the pixels where it is >= this
@@ -548,15 +548,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="a run folder (outputs/runs/<name>) or an exported model folder")
     parser.add_argument("--out", help="output folder (default outputs/eval/<run name>)")
     parser.add_argument("--seeds", type=int, help="seeds per prompt, 0..N-1 (default 4; 2 with --quick)")
-    parser.add_argument("--steps", type=int, default=defaults.STEPS, help=f"denoising steps (default {defaults.STEPS})")
-    parser.add_argument(
-        "--guidance", type=float, default=defaults.GUIDANCE,
-        help=f"classifier-free guidance scale (default {defaults.GUIDANCE:g})",
-    )
-    parser.add_argument("--guidance-rescale", type=float, default=0.0, help="0..1, as in sample.py (default 0, off)")
-    parser.add_argument(
-        "--scheduler", default=defaults.SCHEDULER, help=f"ddpm, ddim, dpm++ or euler (default {defaults.SCHEDULER})"
-    )
+    add_sampler_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="a handful of prompts per task (for tests)")
     parser.add_argument("--masks", help="JSONL of {prompt, seed, masks: {word: mask.png}} for attention localisation")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
@@ -566,16 +558,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.seeds is None:
         args.seeds = 2 if args.quick else 4
-    if args.seeds < 1 or args.steps < 1 or args.batch_size < 1:
-        raise UserError("--seeds, --steps and --batch-size must be at least 1")
-    if args.guidance < 0:
-        raise UserError(f"--guidance must be >= 0 (1 turns guidance off), got {args.guidance}")
-    if not 0 <= args.guidance_rescale <= 1:
-        raise UserError(f"--guidance-rescale must be in [0, 1] (0 turns it off), got {args.guidance_rescale}")
-    from diffusion.sampling import SCHEDULERS
-
-    if args.scheduler not in SCHEDULERS:
-        raise UserError(f"unknown --scheduler {args.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+    if args.seeds < 1 or args.batch_size < 1:
+        raise UserError("--seeds and --batch-size must be at least 1")
+    check_sampler_arguments(args)
     return args
 
 

@@ -1,5 +1,6 @@
 """The sampler settings every entry point starts from (sample.py, evaluate, the pipeline, training's
-validation and export), in one place so they cannot drift apart. Light: no torch import.
+validation and export), in one place so they cannot drift apart, and the command-line flags that
+sample.py and evaluate share for them. Light: imports torch only when checking a scheduler name.
 
 DDPM's ancestral steps add fresh noise at every step (drawn from each image's own generator, so an
 image still regenerates alone from its seed). On the default model they copy objects far less often
@@ -9,3 +10,31 @@ than deterministic DDIM, and more so with more steps (BENCHMARKS.md, "Sampler").
 SCHEDULER = "ddpm"
 STEPS = 100
 GUIDANCE = 3.0
+
+
+def add_sampler_arguments(parser) -> None:
+    """--steps, --guidance, --guidance-rescale and --scheduler, as sample.py and evaluate take them."""
+    parser.add_argument("--steps", type=int, default=STEPS, help=f"denoising steps (default {STEPS})")
+    parser.add_argument(
+        "--guidance", type=float, default=GUIDANCE, help=f"classifier-free guidance scale; 1 = none (default {GUIDANCE:g})"
+    )
+    parser.add_argument(
+        "--guidance-rescale", type=float, default=0.0,
+        help="0..1: pull the guided prediction's std back to the conditional one's (Lin et al. 2024; default 0, off)",
+    )
+    parser.add_argument("--scheduler", default=SCHEDULER, help=f"ddpm, ddim, dpm++ or euler (default {SCHEDULER})")
+
+
+def check_sampler_arguments(args) -> None:
+    """Raise UserError naming a bad sampler flag, before any model is loaded."""
+    from diffusion.errors import UserError
+    from diffusion.sampling import SCHEDULERS
+
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.guidance < 0:
+        raise UserError(f"--guidance must be >= 0 (1 turns guidance off), got {args.guidance}")
+    if not 0 <= args.guidance_rescale <= 1:
+        raise UserError(f"--guidance-rescale must be in [0, 1] (0 turns it off), got {args.guidance_rescale}")
+    if args.scheduler not in SCHEDULERS:
+        raise UserError(f"unknown --scheduler {args.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
