@@ -1,7 +1,7 @@
 """Does the model follow the prompt, and do its attention maps point at the right object?
 
     python -m diffusion.evaluate --model outputs/runs/cpu
-    python -m diffusion.evaluate --model outputs/runs/cpu --seeds 8 --steps 50 --guidance 3 --out outputs/eval/cpu
+    python -m diffusion.evaluate --model outputs/runs/cpu --seeds 8 --scheduler ddpm --steps 100 --out outputs/eval/cpu
     python -m diffusion.evaluate --model outputs/runs/cpu --quick          # a handful of prompts, 2 seeds
     python -m diffusion.evaluate --model outputs/runs/mine --masks masks.jsonl   # a model of your own data
 
