@@ -26,7 +26,8 @@ import torch
 from diffusion.eval_prompts import build_tasks
 from diffusion.evaluate import read_run_config, shapes_info
 from diffusion.pipeline import TextToImagePipeline, find_model_dir
-from diffusion.sampling import initial_noise
+from diffusion import sampler_defaults
+from diffusion.sampling import guide, initial_noise
 from diffusion.shapes import BACKGROUND, PALETTE, RELATION_AXES
 
 
@@ -62,7 +63,7 @@ def first_step_x0(pipe: TextToImagePipeline, prompts: list[str], seeds: list[int
     null, null_mask = pipe.encode([""] * len(prompts))
     out = unet(torch.cat([x, x]), t.expand(2 * len(prompts)), torch.cat([context, null]), torch.cat([mask, null_mask]))
     cond, uncond = out.chunk(2)
-    guided = uncond + guidance * (cond - uncond)
+    guided = guide(cond, uncond, guidance)
     return scheduler.step(guided, t, x).pred_original_sample
 
 
@@ -70,7 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--guidance", type=float, default=sampler_defaults.GUIDANCE)
     args = parser.parse_args()
 
     pipe = TextToImagePipeline.from_run(args.model)
