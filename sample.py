@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffusion.sampler_defaults import add_sampler_arguments, check_sampler_arguments
+from diffusion.sampler_defaults import add_sampler_arguments, check_sampler_arguments, sampler_settings
 from diffusion.errors import UserError, exit_on_user_error
 
 
@@ -82,12 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe.use_scheduler(args.scheduler)
     written = generate(
         pipe, jobs, out_dir, args.batch_size, args.steps, args.guidance, args.negative_prompt, settings,
-        extra_manifest={
-            "model": str(model_dir.resolve()), "scheduler": args.scheduler, "steps": args.steps,
-            "guidance_scale": args.guidance, "guidance_rescale": args.guidance_rescale,
-            "negative_prompt": args.negative_prompt,
-        },
-        progress=not args.no_progress, guidance_rescale=args.guidance_rescale,
+        extra_manifest={"model": str(model_dir.resolve()), **sampler_settings(args), "negative_prompt": args.negative_prompt},
+        progress=not args.no_progress, guidance_rescale=args.guidance_rescale, layout_guidance=args.layout_guidance,
     )
     print(f"wrote {len(written)} image(s) to {out_dir}" + ("" if args.no_maps else " with their attention maps (*.attn/)"))
     if args.html:

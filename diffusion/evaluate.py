@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from diffusion.sampler_defaults import add_sampler_arguments, check_sampler_arguments
+from diffusion.sampler_defaults import add_sampler_arguments, check_sampler_arguments, sampler_settings
 from diffusion.errors import UserError, exit_on_user_error
 
 THRESHOLD = 0.5  # a word's map, divided by its maximum, marks the pixels where it is >= this
@@ -92,8 +92,8 @@ def sample_missing(pipe_loader, jobs, samples_dir: Path, args, model_dir: Path) 
     """Sample the jobs whose image and maps are not in samples_dir yet; (sampled, reused).
 
     An image already there is reused when its manifest records the same model (path and training
-    step), scheduler, steps, guidance scale and rescale; one made with other settings stops the
-    evaluation unless --overwrite.
+    step), scheduler, steps, guidance scale, rescale and layout guidance; one made with other settings
+    stops the evaluation unless --overwrite.
     """
     from diffusion.attention_maps import MapSettings
     from diffusion.generate import generate
@@ -101,10 +101,7 @@ def sample_missing(pipe_loader, jobs, samples_dir: Path, args, model_dir: Path) 
     names = [j.file_name for j in jobs]
     if len(set(names)) != len(names):
         raise UserError("two prompts map to the same file name; make them differ in their first 60 characters")
-    settings = {
-        "model": str(model_dir.resolve()), "scheduler": args.scheduler, "steps": args.steps,
-        "guidance_scale": args.guidance, "guidance_rescale": args.guidance_rescale,
-    }
+    settings = {"model": str(model_dir.resolve()), **sampler_settings(args)}
     info = model_dir / "training_info.json"
     if info.is_file():  # a re-exported model at the same path has another step
         settings["model_step"] = json.loads(info.read_text()).get("step")
@@ -115,8 +112,9 @@ def sample_missing(pipe_loader, jobs, samples_dir: Path, args, model_dir: Path) 
             todo.append(job)
             continue
         recorded = json.loads(manifest.read_text())
-        # Manifests written before --guidance-rescale existed lack it: they were made without it.
+        # Manifests written before --guidance-rescale or --layout-guidance existed lack them: made without.
         recorded.setdefault("guidance_rescale", 0.0)
+        recorded.setdefault("layout_guidance", 0.0)
         if any(recorded.get(k) != v for k, v in settings.items()):
             raise UserError(
                 f"{samples_dir} holds {job.file_name} made with other settings "
@@ -128,7 +126,7 @@ def sample_missing(pipe_loader, jobs, samples_dir: Path, args, model_dir: Path) 
         generate(
             pipe, todo, samples_dir, args.batch_size, args.steps, args.guidance, maps=MapSettings(keep_layers=False),
             extra_manifest={**settings, "negative_prompt": ""}, progress=not args.no_progress,
-            guidance_rescale=args.guidance_rescale,
+            guidance_rescale=args.guidance_rescale, layout_guidance=args.layout_guidance,
         )
     return len(todo), len(jobs) - len(todo)
 
@@ -399,6 +397,7 @@ def markdown(results: dict) -> str:
         f"Model `{results['model']}`; {s['seeds']} seed(s) per prompt, {s['steps']} {s['scheduler']} steps, "
         f"guidance {s['guidance']}"
         + (f" rescaled {s['guidance_rescale']}" if s.get("guidance_rescale") else "")
+        + (f", layout guidance {s['layout_guidance']}" if s.get("layout_guidance") else "")
         + (" (quick)" if s["quick"] else "") + f"; {results['images']} images.",
         "",
         "## Prompt fidelity",
@@ -640,6 +639,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "settings": {
             "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance,
             "guidance_rescale": args.guidance_rescale, "scheduler": args.scheduler, "quick": args.quick,
+            "layout_guidance": args.layout_guidance,
             "relation_margin_px": RELATION_MARGIN_PX, "detector": detector.to_dict(),
         },
         "dataset_info": info_source,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from diffusion import sampler_defaults as defaults
 from diffusion.attention_maps import MapSettings
 from diffusion.errors import UserError
 from diffusion.map_export import save_image_with_maps, slug
@@ -81,6 +82,7 @@ def generate(
     extra_manifest: dict | None = None,
     progress: bool = True,
     guidance_rescale: float = 0.0,
+    layout_guidance: float = defaults.LAYOUT_GUIDANCE,
 ) -> list[Path]:
     """Sample every job in batches of `batch_size` and write images (and maps when `maps` is set)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,7 @@ def generate(
     for batch in batches:
         output = pipe(
             [j.prompt for j in batch], [j.seed for j in batch], num_steps=num_steps, guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
+            guidance_rescale=guidance_rescale, layout_guidance=layout_guidance,
             negative_prompt=negative_prompt, return_attention=maps is not None, map_settings=maps,
             callback=lambda i, t: steps_bar.update(1),
         )

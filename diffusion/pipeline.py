@@ -21,6 +21,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from diffusion import sampler_defaults as defaults
 from diffusion.attention_maps import AttentionAggregator, AttentionMaps, MapSettings
 from diffusion.errors import UserError
+from diffusion.layout_guidance import LayoutGuidance, RelationTargets
 from diffusion.prompt_tokens import PromptTokens, prompt_tokens
 from diffusion.sampling import make_sampling_scheduler, sample
 from diffusion.text_encoder import TextEncoder
@@ -125,8 +126,10 @@ class TextToImagePipeline(DiffusionPipeline):
         return_attention: bool = False,
         map_settings: MapSettings | None = None,
         callback=None,
+        layout_guidance: float = defaults.LAYOUT_GUIDANCE,
     ) -> PipelineOutput:
-        """One image per (prompt, seed) pair, all in one batch."""
+        """One image per (prompt, seed) pair, all in one batch. `layout_guidance` > 0 steers the first
+        steps so that the relations the prompts state hold (diffusion.layout_guidance; 0: off)."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         if num_steps < 1:
@@ -135,6 +138,8 @@ class TextToImagePipeline(DiffusionPipeline):
             raise UserError(f"the guidance scale must be >= 0 (1 = no guidance), got {guidance_scale}")
         if not 0 <= guidance_rescale <= 1:
             raise UserError(f"the guidance rescale must be in [0, 1] (0 = plain guidance), got {guidance_rescale}")
+        if layout_guidance < 0:
+            raise UserError(f"the layout guidance must be >= 0 (0 = off), got {layout_guidance}")
         # Prompts and the negative (or empty) prompt in one pass of the text encoder.
         states, masks = self.encode([*prompts, negative_prompt])  # (B + 1, T, D), (B + 1, T)
         context, mask = states[:-1], masks[:-1]  # (B, T, D), (B, T)
@@ -150,10 +155,16 @@ class TextToImagePipeline(DiffusionPipeline):
             if callback is not None:
                 callback(i, t)
 
+        layout = None
+        if layout_guidance > 0:
+            max_length = self.encoder.max_length
+            tokens = [prompt_tokens(self.tokenizer, p, max_length) for p in prompts]
+            layout = LayoutGuidance(RelationTargets(tokens, context.shape[1]), strength=layout_guidance)
         images = sample(
             self.unet, self.scheduler, context, mask, null_context, null_mask, generators,
             num_steps=num_steps, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
             recorder_for_step=aggregator.recorder_for_step if aggregator else None, callback=after_step,
+            layout=layout,
         )
         attention = self._per_image(aggregator.result(), prompts, aggregator.settings) if aggregator else None
         return PipelineOutput(images=to_pil(images), attention=attention)

@@ -15,6 +15,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from diffusion import sampler_defaults as defaults
 from diffusion.attention import AttentionRecorder
+from diffusion.layout_guidance import LayoutGuidance
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "ddim": DDIMScheduler,
@@ -67,13 +68,15 @@ def sample(
     guidance_rescale: float = 0.0,
     recorder_for_step: Callable[[int, int], AttentionRecorder | None] | None = None,
     callback: Callable[[int, int], None] | None = None,
+    layout: LayoutGuidance | None = None,
 ) -> torch.Tensor:
     """Denoise pure noise into images in [-1, 1]: (B, C, S, S).
 
     context: (B, T, D) text states of the prompts, context_mask: (B, T); null_*: the unconditional
     (empty or negative) prompt's, (1 or B, T, D) / (1 or B, T); guidance_rescale: see `guide`.
     `recorder_for_step(i, t)` gives the attention recorder to pass to the UNet at step i (or None);
-    `callback(i, t)` runs after step i.
+    `callback(i, t)` runs after step i. `layout`: optional layout guidance of the first steps
+    (diffusion.layout_guidance), which moves x_t before the step's prediction.
     """
     b = context.shape[0]
     size = unet.config.sample_size
@@ -81,6 +84,7 @@ def sample(
     scheduler.set_timesteps(num_steps, device=device)
     x = initial_noise(generators, (unet.config.in_channels, size, size), device) * scheduler.init_noise_sigma
     guided = guidance_scale != 1.0
+    text, text_mask = context, context_mask  # (B, T, D), (B, T): the prompts alone, for layout guidance
     if guided:
         # Conditional rows first, then the unconditional ones: (2B, T, D).
         context = torch.cat([context, null_context.expand(b, -1, -1)])
@@ -88,6 +92,12 @@ def sample(
     # Schedulers that add noise in their step (DDPM) draw it from each image's own generator.
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(scheduler.timesteps):
+        # 0. Optionally, move x_t until the attention maps put each stated relation's sides in order.
+        if layout is not None and layout.applies_at(i, num_steps):
+            x = layout.nudge(
+                lambda x_t, capture: unet(scheduler.scale_model_input(x_t, t), t.expand(b), text, text_mask, recorder=capture),
+                x,
+            )
         # 1. Model output for the conditional and unconditional rows in one pass.
         recorder = recorder_for_step(i, int(t)) if recorder_for_step is not None else None
         x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)

@@ -60,7 +60,7 @@ def test_rerun_reuses_samples_and_refuses_other_settings(finished_run, quick_eva
     assert "0 image(s) sampled" in capsys.readouterr().out
     assert main([*args, "--steps", "5"]) == 2
     assert "other settings" in capsys.readouterr().err
-    for other in (["--scheduler", "euler"], ["--guidance-rescale", "0.7"]):
+    for other in (["--scheduler", "euler"], ["--guidance-rescale", "0.7"], ["--layout-guidance", "1"]):
         assert main([*args, "--steps", "4", *other]) == 2
         assert "other settings" in capsys.readouterr().err
 
@@ -70,6 +70,7 @@ def test_rerun_reuses_samples_and_refuses_other_settings(finished_run, quick_eva
     [
         (["--scheduler", "plms"], "unknown --scheduler 'plms'"),
         (["--guidance-rescale", "-0.1"], "--guidance-rescale must be in [0, 1]"),
+        (["--layout-guidance", "-0.5"], "--layout-guidance must be >= 0"),
     ],
 )
 def test_bad_sampler_flags(finished_run, tmp_path, capsys, flags, message):

@@ -151,6 +151,7 @@ def test_empty_and_long_prompts(finished_run, tmp_path):
         (["--steps", "0"], "--steps must be at least 1"),
         (["--guidance", "-1"], "--guidance must be >= 0"),
         (["--guidance-rescale", "1.5"], "--guidance-rescale must be in [0, 1]"),
+        (["--layout-guidance", "-1"], "--layout-guidance must be >= 0"),
         (["--seeds", "x-y"], "write seeds as"),
     ],
 )
@@ -188,18 +189,18 @@ def test_guidance_rescale_restores_the_conditional_std():
     assert torch.allclose(guide(cond, uncond, 3.0, rescale=0.5), (full + plain) / 2)
 
 
-def test_guidance_rescale_changes_the_image_and_is_recorded(pipe, finished_run, tmp_path):
+def test_guidance_rescale_changes_the_image_and_both_guidance_settings_are_recorded(pipe, finished_run, tmp_path):
     plain = np.asarray(pipe(["a red circle"], [0], num_steps=3).images[0], dtype=float)
     rescaled = np.asarray(pipe(["a red circle"], [0], num_steps=3, guidance_rescale=0.7).images[0], dtype=float)
     assert np.abs(plain - rescaled).max() > 0
     out = tmp_path / "samples"
     result = run_cli(
         "--model", str(finished_run), "--prompt", "a red circle", "--steps", "2", "--guidance-rescale", "0.7",
-        "--out", str(out),
+        "--layout-guidance", "1.5", "--out", str(out),
     )
     assert result.returncode == 0, result.stderr
     manifest = json.loads(next(out.glob("*.attn/manifest.json")).read_text())
-    assert manifest["guidance_rescale"] == 0.7
+    assert manifest["guidance_rescale"] == 0.7 and manifest["layout_guidance"] == 1.5
 
 
 def test_seed_ranges():
