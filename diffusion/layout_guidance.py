@@ -41,7 +41,7 @@ RELATION_PHRASES: dict[tuple[str, ...], tuple[int, bool]] = {
 }
 # Words that name nothing by themselves: left out of a relation's two sides.
 FILLER_WORDS = frozenset({"a", "an", "the", "to", "on", "is", "are"})
-UNTIL = 0.3  # the fraction of sampling steps guided: the first ones, where the layout is chosen
+UNTIL = 0.15  # the fraction of sampling steps guided: the first ones, where the layout is chosen
 MARGIN = 0.15  # in image widths: how far apart the two sides' centroids must lie
 
 
