@@ -31,14 +31,11 @@ from typing import Callable
 import torch
 
 from diffusion.prompt_tokens import PromptTokens
+from diffusion.shapes import RELATION_AXES
 
-# Relation phrase -> (axis, subject first): axis 0 is x (left to right), 1 is y (top to bottom).
-RELATION_PHRASES: dict[tuple[str, ...], tuple[int, bool]] = {
-    ("left", "of"): (0, True),
-    ("right", "of"): (0, False),
-    ("above",): (1, True),
-    ("below",): (1, False),
-}
+# The relation words as word tuples ("left", "of"), with the shapes dataset's meaning of each:
+# (axis, subject first), axis 0 is x (left to right), 1 is y (top to bottom).
+RELATION_PHRASES: dict[tuple[str, ...], tuple[int, bool]] = {tuple(r.split()): m for r, m in RELATION_AXES.items()}
 # Words that name nothing by themselves: left out of a relation's two sides.
 FILLER_WORDS = frozenset({"a", "an", "the", "to", "on", "is", "are"})
 UNTIL = 0.15  # the fraction of sampling steps guided: the first ones, where the layout is chosen
