@@ -24,12 +24,17 @@ class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the dataclasses below."""
 
 
+def ranged(default: Any, *, ge: float | None = None, gt: float | None = None, lt: float | None = None, note: str = ""):
+    """A scalar field with its valid range, checked when a config is loaded (`check_ranges`)."""
+    return field(default=default, metadata={"range": (ge, gt, lt), "note": note})
+
+
 @dataclass
 class DataConfig:
     # "shapes" (the built-in procedural set, generated on first use and cached) or the path of a
     # folder in the Hugging Face imagefolder layout (image files + metadata.jsonl).
     dataset: str = "shapes"
-    image_size: int = 32
+    image_size: int = ranged(32, ge=8)
     caption_column: str = "text"
     skip_bad_rows: bool = False
     # Horizontal flips are off: captions speak of "left of" / "right of" and a flip would make them
@@ -48,19 +53,19 @@ class TextEncoderConfig:
 
 @dataclass
 class UNetConfig:
-    in_channels: int = 3
-    base_channels: int = 64
+    in_channels: int = ranged(3, ge=1)
+    base_channels: int = ranged(64, ge=1)
     channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2])
-    num_res_blocks: int = 2
+    num_res_blocks: int = ranged(2, ge=1)
     # Feature-map sizes (in pixels, e.g. 16 for 16x16) that get a cross-attention layer.
     cross_attention_resolutions: list[int] = field(default_factory=lambda: [16, 8])
     # Feature-map sizes that also get self-attention (costly at high resolution).
     self_attention_resolutions: list[int] = field(default_factory=lambda: [8])
-    head_dim: int = 32
-    norm_groups: int = 8
-    dropout: float = 0.0
+    head_dim: int = ranged(32, ge=1)
+    norm_groups: int = ranged(8, ge=1)
+    dropout: float = ranged(0.0, ge=0, lt=1)
     # Width multiple of a gated feed-forward after each cross-attention layer (0: none).
-    ff_mult: int = 0
+    ff_mult: int = ranged(0, ge=0, note="0: no feed-forward")
     # Add the end token's text state (CLIP's pooled output) to the timestep embedding, as SDXL does.
     pooled_text: bool = False
     # Add a fixed sine-cosine embedding of pixel positions to the first feature map.
@@ -74,7 +79,7 @@ class UNetConfig:
 class NoiseConfig:
     """The noise schedule (a diffusers DDPMScheduler); the UNet never sees it."""
 
-    num_train_timesteps: int = 1000
+    num_train_timesteps: int = ranged(1000, ge=2)
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "v_prediction"  # or "epsilon"
     rescale_betas_zero_snr: bool = True
@@ -83,40 +88,40 @@ class NoiseConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    warmup_steps: int = 200
+    seed: int = ranged(0, ge=0)
+    batch_size: int = ranged(64, ge=1)
+    learning_rate: float = ranged(1e-3, gt=0)
+    warmup_steps: int = ranged(200, ge=0)
     lr_schedule: str = "cosine"  # "cosine" (decays to zero at max_steps) or "constant"
-    max_steps: int = 20000
+    max_steps: int = ranged(20000, ge=1)
     # Stop after this many minutes of training even if max_steps is not reached (0: no limit).
-    max_minutes: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta2: float = 0.99
-    grad_clip: float = 1.0
-    gradient_accumulation_steps: int = 1
+    max_minutes: float = ranged(0.0, ge=0, note="0: no time limit")
+    weight_decay: float = ranged(0.0, ge=0)
+    adam_beta2: float = ranged(0.99, ge=0, lt=1)
+    grad_clip: float = ranged(1.0, ge=0, note="0: no clipping")
+    gradient_accumulation_steps: int = ranged(1, ge=1)
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (fp16 on a GPU only)
-    caption_dropout: float = 0.1
-    min_snr_gamma: float = 0.0  # 0 turns min-SNR weighting off; 5 is the paper's value
+    caption_dropout: float = ranged(0.1, ge=0, lt=1)
+    min_snr_gamma: float = ranged(0.0, ge=0, note="0: off")  # 0 turns min-SNR weighting off; 5 is the paper's value
     # Weight of the grounding loss (diffusion.grounding): each caption word's cross-attention kept on the
     # object it names. Needs masks and word_objects in the dataset (the shapes dataset has them); 0: off.
-    grounding_weight: float = 0.0
+    grounding_weight: float = ranged(0.0, ge=0, note="0 turns the grounding loss off")
     # Weight, inside the grounding loss, of its coverage term: a word's attention should reach its peak
     # across the whole object, not only on part of it (diffusion.grounding). 0: off.
-    grounding_coverage: float = 0.0
+    grounding_coverage: float = ranged(0.0, ge=0, note="0 turns the coverage term off")
     # An image's grounding weight is alpha_bar, the signal left at its noise level (0 at pure noise),
     # raised to this value at pure noise: above 0, attention must find an object's place from the text
     # alone, as a layout must be chosen at the first sampling steps. 1: the same weight at every level.
     grounding_pure_noise_weight: float = 0.0
     # Learning rate of the CLIP text tower, fine-tuned with the UNet on the same losses (its EMA weights
     # are exported with the model); 0 keeps it frozen and its states are computed once per caption.
-    text_encoder_lr: float = 0.0
-    ema_decay: float = 0.999
+    text_encoder_lr: float = ranged(0.0, ge=0, note="0: frozen")
+    ema_decay: float = ranged(0.999, ge=0, lt=1)
     ema_warmup: bool = True
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    log_every: int = 50
-    validate_every: int = 2000
+    checkpoint_every: int = ranged(1000, ge=1)
+    keep_checkpoints: int = ranged(2, ge=0, note="0: keep all")
+    log_every: int = ranged(50, ge=1)
+    validate_every: int = ranged(2000, ge=0, note="0: no validation")
     validation_prompts: list[str] = field(
         default_factory=lambda: [
             "a red circle",
@@ -127,8 +132,8 @@ class TrainConfig:
             "a purple star above an orange circle",
         ]
     )
-    validation_steps: int = defaults.STEPS
-    validation_guidance: float = defaults.GUIDANCE
+    validation_steps: int = ranged(defaults.STEPS, ge=1)
+    validation_guidance: float = ranged(defaults.GUIDANCE, ge=0)
 
 
 @dataclass
@@ -234,8 +239,28 @@ def _choose(where: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{where} must be one of {', '.join(allowed)}; got {value!r}")
 
 
+def _range_text(ge, gt, lt) -> str:
+    low = f">= {ge:g}" if ge is not None else f"> {gt:g}" if gt is not None else ""
+    high = f"< {lt:g}" if lt is not None else ""
+    return " and ".join(part for part in (low, high) if part)
+
+
+def check_ranges(section: Any, where: str) -> None:
+    """Every `ranged` field of `section` and its sub-sections inside its range, or a ConfigError naming it."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{where}{f.name}.")
+        elif "range" in f.metadata:
+            ge, gt, lt = f.metadata["range"]
+            if (ge is not None and value < ge) or (gt is not None and value <= gt) or (lt is not None and value >= lt):
+                note = f" ({f.metadata['note']})" if f.metadata["note"] else ""
+                raise ConfigError(f"{where}{f.name} must be {_range_text(ge, gt, lt)}{note}; got {value!r}")
+
+
 def validate_config(cfg: Config) -> None:
     """Checks across fields, so a bad config fails at load time with the field's name."""
+    check_ranges(cfg, "")
     _choose("train.mixed_precision", cfg.train.mixed_precision, ("no", "bf16", "fp16"))
     _choose("train.lr_schedule", cfg.train.lr_schedule, ("cosine", "constant"))
     _choose("noise.prediction_type", cfg.noise.prediction_type, ("epsilon", "v_prediction"))
@@ -253,19 +278,15 @@ def validate_config(cfg: Config) -> None:
                 f"every level's width (unet.base_channels x channel_mults: {width}) must be divisible by "
                 f"unet.head_dim ({u.head_dim}) and unet.norm_groups ({u.norm_groups})"
             )
-    if cfg.train.grounding_weight < 0:
-        raise ConfigError(f"train.grounding_weight must be >= 0 (0 turns the grounding loss off), got {cfg.train.grounding_weight}")
     if not 0 <= cfg.train.grounding_pure_noise_weight <= 1:
         raise ConfigError(
             f"train.grounding_pure_noise_weight must be in [0, 1] (0: weight by the signal left, 1: every noise "
             f"level alike), got {cfg.train.grounding_pure_noise_weight}"
         )
-    if cfg.train.grounding_coverage < 0:
-        raise ConfigError(f"train.grounding_coverage must be >= 0 (0 turns the coverage term off), got {cfg.train.grounding_coverage}")
     if cfg.train.grounding_weight > 0 and not u.cross_attention_resolutions:
         raise ConfigError("train.grounding_weight > 0 needs cross-attention: list unet.cross_attention_resolutions")
-    if not 0 <= cfg.train.caption_dropout < 1:
-        raise ConfigError(f"train.caption_dropout must be in [0, 1), got {cfg.train.caption_dropout}")
+    if any(m < 1 for m in u.channel_mults):
+        raise ConfigError(f"unet.channel_mults must all be >= 1, got {u.channel_mults}")
 
 
 def to_dict(config: Any) -> dict:

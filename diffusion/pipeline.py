@@ -85,6 +85,7 @@ class TextToImagePipeline(DiffusionPipeline):
     def __init__(self, unet: UNet, scheduler, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer)
+        self._encoder: TextEncoder | None = None
 
     @classmethod
     def from_run(cls, path: str | Path, device: str | torch.device = "cpu") -> TextToImagePipeline:
@@ -101,11 +102,16 @@ class TextToImagePipeline(DiffusionPipeline):
                 f"encoder gives {width}; the model folder mixes parts of different runs"
             )
         pipe.unet.eval()
+        pipe.text_encoder.requires_grad_(False)  # a loaded model is for sampling
         return pipe.to(device)
 
     @property
     def encoder(self) -> TextEncoder:
-        return TextEncoder(self.tokenizer, self.text_encoder)
+        """The tokenizer and text tower as one TextEncoder, built once (again only if either is replaced)."""
+        e = self._encoder
+        if e is None or e.model is not self.text_encoder or e.tokenizer is not self.tokenizer:
+            self._encoder = TextEncoder(self.tokenizer, self.text_encoder)
+        return self._encoder
 
     def use_scheduler(self, name: str) -> None:
         """Swap the sampler (ddim, dpm++, euler, ddpm), keeping the trained noise schedule."""

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from diffusion.config import DataConfig, TextEncoderConfig
+from diffusion.data import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def prepare_dataset(data: DataConfig, cache_dir: Path, progress: bool = True) ->
     if data.dataset != "shapes":
         root = Path(data.dataset)
         if not root.is_dir():
-            raise FileNotFoundError(
+            raise DatasetError(
                 f"data.dataset {root} is not a folder. Use 'shapes' for the built-in dataset or the path of "
                 "a folder of images with a metadata.jsonl (columns file_name and text)."
             )

@@ -40,7 +40,8 @@ def word_spans(prompt: str) -> list[tuple[int, int]]:
 
 def prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: int) -> PromptTokens:
     """Tokenize like the text encoder does (truncated to max_length) and map tokens to words."""
-    full = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True)
+    # verbose=False: a too-long prompt is reported once, by TextEncoder.warn_if_truncated, not by transformers too.
+    full = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True, verbose=False)
     ids, offsets = full["input_ids"], full["offset_mapping"]
     dropped = ""
     if len(ids) > max_length:  # keep <start> + (max_length - 2) tokens + <end>, as truncation does

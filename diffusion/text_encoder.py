@@ -69,15 +69,17 @@ def dropped_text(prompt: str, first_dropped_char: int) -> str:
 
 
 class TextEncoder(nn.Module):
-    """A CLIP tokenizer + text transformer, frozen and always in eval mode. (Training may unfreeze the
-    text transformer to fine-tune it, `train.text_encoder_lr`; it stays in eval mode, CLIP has no dropout.)"""
+    """A CLIP tokenizer + text transformer, always in eval mode (CLIP has no dropout).
+
+    Wrapping a tower leaves its `requires_grad` as it is: a tower being fine-tuned
+    (`train.text_encoder_lr`) keeps learning when the pipeline wraps it for validation. Loading
+    (`from_pretrained`) is what freezes a tower."""
 
     def __init__(self, tokenizer: CLIPTokenizer, model: CLIPTextModel):
         super().__init__()
         self.tokenizer = tokenizer
         self.model = model
         self.model.eval()
-        self.model.requires_grad_(False)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path) -> TextEncoder:
@@ -88,6 +90,7 @@ class TextEncoder(nn.Module):
             tokenizer = CLIPTokenizer.from_pretrained(name_or_path)
         except (OSError, ValueError, RuntimeError) as error:  # not found, offline, or not a CLIP checkpoint
             raise TextEncoderLoadError(load_error_message(name_or_path, error)) from error
+        model.requires_grad_(False)
         return cls(tokenizer, model)
 
     def train(self, mode: bool = True) -> TextEncoder:

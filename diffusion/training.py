@@ -11,6 +11,9 @@ import json
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +26,6 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_se
 from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from PIL import Image
-from tqdm.auto import tqdm
 
 from diffusion import sampler_defaults as defaults
 from diffusion.checkpoints import (
@@ -40,6 +42,7 @@ from diffusion.data import CaptionedImageFolder, swap_left_right
 from diffusion.errors import UserError
 from diffusion.grounding import TokenObjectTable
 from diffusion.objective import Grounding, diffusion_loss, make_noise_scheduler
+from diffusion.progress import TrainingProgress
 from diffusion.prepare import TINY_CLIP, prepare_dataset, prepare_text_encoder
 from diffusion.attention_maps import MapSettings
 from diffusion.generate import Job, generate
@@ -110,15 +113,32 @@ def choose_run_dir(cfg: Config, output_dir: str | None, resume: str | None) -> P
     return run_dir
 
 
-def setup_logging(run_dir: Path, is_main: bool) -> None:
+def setup_logging(is_main: bool) -> None:
+    """Console logging on the main process (warnings only elsewhere); the run's train.log joins later."""
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
-    if is_main and not any(isinstance(h, logging.FileHandler) for h in logger.handlers):
-        handler = logging.FileHandler(run_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        logger.addHandler(handler)
+    if is_main and not any(type(h) is logging.StreamHandler for h in logger.handlers):
         console = logging.StreamHandler()
         console.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(console)
+
+
+def log_to_file(run_dir: Path) -> None:
+    for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+        logger.removeHandler(handler)  # a previous run in this process
+        handler.close()
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+
+
+def check_can_start(cfg: Config) -> None:
+    """What can be checked in seconds, before minutes go into preparing data and a text encoder:
+    the dataset folder exists and the config builds a UNet."""
+    if cfg.data.dataset != "shapes" and not Path(cfg.data.dataset).is_dir():
+        from diffusion.prepare import prepare_dataset
+
+        prepare_dataset(cfg.data, Path(cfg.cache_dir))  # raises its DatasetError, which names the fix
+    build_unet(cfg, text_width(cfg))
 
 
 class BatchOrder:
@@ -147,6 +167,33 @@ class BatchOrder:
         return batch[self.rank :: self.world]
 
 
+class StopOnInterrupt:
+    """Ctrl-C asks the loop to stop after the current step (a second Ctrl-C stops at once)."""
+
+    def __init__(self):
+        self.flag = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.flag = True
+        self.restore()  # the next Ctrl-C interrupts at once
+        print("\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        """True on every process once any process was interrupted (they must checkpoint together)."""
+        if accelerator.num_processes == 1:
+            return self.flag
+        flag = torch.tensor([float(self.flag)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
 def image_grid(images: list[Image.Image], columns: int, scale: int = 4) -> Image.Image:
     """Tile equally sized images into one grid, upscaled with nearest neighbours for viewing."""
     width, height = images[0].size
@@ -162,8 +209,8 @@ def train(
 ) -> Path:
     """Train `cfg` and return the run folder (which holds the exported model under model/)."""
     t = cfg.train
-    # 1. Run folder (decided on the main process and shared), accelerator, logging.
-    run_dir = choose_run_dir(cfg, output_dir, resume) if output_dir or resume else None
+    # 1. Checks, accelerator, the run folder's name (decided on the main process and shared).
+    check_can_start(cfg)
     accelerator = Accelerator(
         # Several processes without a GPU (torchrun, or `accelerate launch --multi_gpu`) train on
         # the CPU over gloo; accelerate only picks that backend when told the device is the CPU.
@@ -173,21 +220,17 @@ def train(
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir="."),
     )
-    if run_dir is None:
-        shared = [choose_run_dir(cfg, None, None) if accelerator.is_main_process else None]
-        run_dir = Path(broadcast_object_list(shared)[0])
     main = accelerator.is_main_process
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    setup_logging(run_dir, main)
-    if main:
-        save_config(cfg, run_dir / "config.yaml")
-        accelerator.init_trackers(str(run_dir / "tensorboard"))
-    logger.info("run folder: %s (%d process(es), device %s)", run_dir, accelerator.num_processes, accelerator.device)
+    setup_logging(main)
+    if output_dir or resume:
+        run_dir = choose_run_dir(cfg, output_dir, resume)
+    else:
+        shared = [choose_run_dir(cfg, None, None) if main else None]
+        run_dir = Path(broadcast_object_list(shared)[0])
 
     # 2. Data and text encoder, prepared once on the main process and cached. The dataset is read
-    #    first, so a bad folder fails before minutes are spent training a tiny CLIP on it.
+    #    first, so a bad folder fails before minutes are spent training a tiny CLIP on it. Nothing is
+    #    written into the run folder until both are ready: a failed start leaves no run in the way.
     cache_dir = Path(cfg.cache_dir)
     with accelerator.main_process_first():
         dataset_dirs = prepare_dataset(cfg.data, cache_dir, progress=progress and main)
@@ -211,6 +254,13 @@ def train(
         encoder.model.requires_grad_(True)
     else:
         text_states = TextStateCache(encoder, captions, progress=progress and main)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_to_file(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
+        accelerator.init_trackers(str(run_dir / "tensorboard"))
+    accelerator.wait_for_everyone()
+    logger.info("run folder: %s (%d process(es), device %s)", run_dir, accelerator.num_processes, accelerator.device)
     logger.info("dataset: %d images, %d distinct captions from %s", len(dataset), len(set(captions)), train_dir)
 
     # 3. Model, EMA, optimizer and learning-rate schedule; identical on every process.
@@ -323,7 +373,8 @@ def train(
     # 5. The loop: one optimizer update per `gradient_accumulation_steps` micro-batches.
     accum = t.gradient_accumulation_steps
     micro_step = step * accum
-    bar = tqdm(total=t.max_steps, initial=step, desc="training", disable=not (progress and main), dynamic_ncols=True)
+    bar = TrainingProgress(step, t.max_steps, t.max_minutes, enabled=progress and main)
+    interrupt = StopOnInterrupt()
     started = time.monotonic()
     window_start, window_images, window_losses, window_grounding = time.monotonic(), 0, [], []
     while step < t.max_steps:
@@ -368,7 +419,7 @@ def train(
         if tune_text:
             text_ema.step(encoder.model.parameters())
         step += 1
-        bar.update(1)
+        bar.update(step)
 
         if step % t.log_every == 0 or step == t.max_steps:
             elapsed = time.monotonic() - window_start
@@ -380,7 +431,7 @@ def train(
             if window_grounding:
                 scalars["grounding_loss"] = sum(window_grounding) / len(window_grounding)
             accelerator.log(scalars, step=step)
-            bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{scalars['images_per_sec']:.0f}")
+            bar.update(step, scalars["images_per_sec"], scalars["loss"])
             grounding_note = f" grounding {scalars['grounding_loss']:.4f}" if window_grounding else ""
             logger.info(
                 "step %d loss %.4f lr %.2e %.0f img/s%s", step, scalars["loss"], scalars["learning_rate"],
@@ -390,6 +441,17 @@ def train(
         out_of_time = t.max_minutes > 0 and time.monotonic() - started > 60 * t.max_minutes
         if out_of_time:
             logger.info("train.max_minutes=%g reached at step %d", t.max_minutes, step)
+        interrupted = interrupt.requested(accelerator)
+        if interrupted:
+            bar.close()
+            save_checkpoint()
+            interrupt.restore()
+            logger.info(
+                "stopped by Ctrl-C at step %d; checkpoint written. Continue with: python train.py --config %s "
+                "--output-dir %s --resume latest", step, run_dir / "config.yaml", run_dir,
+            )
+            accelerator.end_training()
+            return run_dir
         if step % t.checkpoint_every == 0 or step == t.max_steps or out_of_time:
             save_checkpoint()
         if main and t.validate_every > 0 and (step % t.validate_every == 0 or step == t.max_steps or out_of_time):
@@ -397,6 +459,7 @@ def train(
         if out_of_time:
             break
     bar.close()
+    interrupt.restore()
 
     # 6. Export the EMA weights with everything the sampler needs.
     accelerator.wait_for_everyone()
