@@ -33,6 +33,14 @@ class PromptTokens:
         return asdict(self)
 
 
+def dropped_text(prompt: str, first_dropped_char: int) -> str:
+    """The end of `prompt` cut off by truncation, widened back to the start of the word the cut falls in."""
+    start = first_dropped_char
+    while start > 0 and not prompt[start - 1].isspace():
+        start -= 1
+    return prompt[start:].strip()
+
+
 def word_spans(prompt: str) -> list[tuple[int, int]]:
     """Character spans of the whitespace-separated words of `prompt`."""
     return [m.span() for m in re.finditer(r"\S+", prompt)]
@@ -46,7 +54,7 @@ def prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompt: str, max_length: i
     dropped = ""
     if len(ids) > max_length:  # keep <start> + (max_length - 2) tokens + <end>, as truncation does
         first_dropped = offsets[max_length - 1][0]
-        dropped = prompt[first_dropped:].strip()
+        dropped = dropped_text(prompt, first_dropped)
         ids = ids[: max_length - 1] + ids[-1:]
         offsets = offsets[: max_length - 1] + offsets[-1:]
     spans = word_spans(prompt)

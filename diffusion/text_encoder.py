@@ -18,6 +18,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
 from diffusion.errors import UserError
+from diffusion.prompt_tokens import dropped_text
 
 
 class TextEncoderLoadError(UserError, RuntimeError):
@@ -60,14 +61,6 @@ def load_error_message(name_or_path: str, error: Exception) -> str:
     )
 
 
-def dropped_text(prompt: str, first_dropped_char: int) -> str:
-    """The end of `prompt` cut off by truncation, widened back to the start of the word the cut falls in."""
-    start = first_dropped_char
-    while start > 0 and not prompt[start - 1].isspace():
-        start -= 1
-    return prompt[start:].strip()
-
-
 class TextEncoder(nn.Module):
     """A CLIP tokenizer + text transformer, always in eval mode (CLIP has no dropout).
 
@@ -84,6 +77,17 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path) -> TextEncoder:
         name_or_path = str(name_or_path)
+        folder = Path(name_or_path)
+        tokenizer_files = (folder / "tokenizer.json").is_file() or all(
+            (folder / f).is_file() for f in ("vocab.json", "merges.txt")
+        )
+        if folder.is_dir() and not tokenizer_files:
+            # transformers would quietly fall back to a tokenizer named in the folder's config, from elsewhere.
+            raise TextEncoderLoadError(
+                f"the local directory '{name_or_path}' has no CLIP tokenizer files: it needs vocab.json and "
+                "merges.txt (or tokenizer.json) beside config.json. Save the tokenizer there too "
+                "(tokenizer.save_pretrained(folder)), or point text_encoder.name at a folder that has it."
+            )
         try:
             # The model first: offline, a missing Hub id makes the tokenizer come back empty instead of raising.
             model = load_text_tower(name_or_path)

@@ -1,5 +1,6 @@
 """YAML presets into typed dataclasses, overrides, and the errors a user sees."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,18 @@ def test_saved_config_reloads_identically(tmp_path):
     cfg = load_config(CONFIGS / "tiny.yaml", ["train.seed=5"])
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.learning_rate=-1", "train.learning_rate must be > 0"),
+        ("train.batch_size=0", "train.batch_size must be >= 1"),
+        ("train.caption_dropout=1", "train.caption_dropout must be >= 0 and < 1"),
+        ("unet.num_res_blocks=0", "unet.num_res_blocks must be >= 1"),
+        ("data.shapes.num_train=-1", "num_train"),
+    ],
+)
+def test_out_of_range_fields_are_refused_at_load(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])

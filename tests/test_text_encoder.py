@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -173,6 +174,34 @@ def test_truncation_warns_with_the_dropped_words(clip_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         encoder.tokenize(CAPTIONS)  # short prompts: no warning
+
+
+def test_local_dir_without_tokenizer_files_is_refused(clip_dir, tmp_path):
+    for f in clip_dir.iterdir():
+        if f.name not in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(f, tmp_path / f.name)
+    with pytest.raises(TextEncoderLoadError, match="no CLIP tokenizer files.*vocab.json and merges.txt"):
+        TextEncoder.from_pretrained(tmp_path)
+
+
+def test_wrapping_a_tower_keeps_its_gradients_and_loading_freezes_it(clip_dir):
+    loaded = TextEncoder.from_pretrained(clip_dir)
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    loaded.model.requires_grad_(True)  # what training does to tune it
+    wrapped = TextEncoder(loaded.tokenizer, loaded.model)
+    assert all(p.requires_grad for p in wrapped.model.parameters())
+
+
+def test_a_too_long_prompt_gets_our_warning_only(clip_dir, capfd):
+    from diffusion.prompt_tokens import prompt_tokens
+
+    encoder = TextEncoder.from_pretrained(clip_dir)
+    prompt = " ".join(["a red circle"] * 7) + " above a purple square"
+    tokens = prompt_tokens(encoder.tokenizer, prompt, encoder.max_length)
+    with pytest.warns(UserWarning, match="dropped words: 'a purple square'"):
+        encoder.tokenize([prompt])
+    assert tokens.dropped_words == "a purple square"  # the same rule as the warning's
+    assert "indexing errors" not in capfd.readouterr().err
 
 
 def test_missing_hub_id_offline_says_how_to_fix():

@@ -87,10 +87,11 @@ def test_taken_run_folder_and_missing_checkpoint(cache_dir, finished_run, tmp_pa
         train(tiny_config(cache_dir), output_dir=str(empty), resume="latest", progress=False)
 
 
-def test_bad_attention_resolution_is_a_config_error(cache_dir, tmp_path):
-    cfg = tiny_config(cache_dir, "unet.cross_attention_resolutions=[4]")
+def test_bad_attention_resolution_is_a_config_error_before_any_preparation(tmp_path):
+    cfg = tiny_config(tmp_path / "cache", "unet.cross_attention_resolutions=[4]")
     with pytest.raises(ConfigError, match=r"asks for \[4\].*choose from \[16, 8\]"):
         train(cfg, output_dir=str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(cache_dir, tmp_path):
@@ -126,6 +127,7 @@ def test_grounding_on_data_without_masks_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "mask_file" in result.stderr and "train.grounding_weight: 0" in result.stderr
     assert not (tmp_path / "cache" / "text_encoders").exists()  # failed before training a tiny CLIP on it
+    assert not (tmp_path / "run").exists()  # a failed start leaves nothing in the way of the next one
 
 
 def test_dry_run_prints_config_and_size(cache_dir):
@@ -211,3 +213,16 @@ def test_text_encoder_is_frozen_by_default_and_tuned_on_request(cache_dir, finis
     train(load_config(run / "config.yaml"), output_dir=str(run), resume="latest", progress=False)
     resumed = text_tower_weights(run / "model" / "text_encoder")
     assert all(torch.equal(tuned[k], resumed[k]) for k in tuned)
+
+
+def test_tuned_text_tower_keeps_learning_after_a_validation(cache_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(cache_dir, "train.text_encoder_lr=0.001", "train.max_steps=10", "train.checkpoint_every=5",
+                      "train.validate_every=5", "train.keep_checkpoints=0")
+    run = tmp_path / "tuned-validated"
+    train(cfg, output_dir=str(run), progress=False)
+    assert (run / "validation" / "step_000005.png").is_file()
+    # Checkpoints hold the raw (not EMA) weights; model_1 is the text tower, prepared after the UNet.
+    at_5, at_10 = (load_file(run / "checkpoints" / f"checkpoint-{s:06d}" / "model_1.safetensors") for s in (5, 10))
+    assert not all(torch.equal(at_5[k], at_10[k]) for k in at_5)
