@@ -34,6 +34,10 @@ def test_files_tasks_and_baselines(quick_eval):
     fidelity = results["fidelity"]
     assert fidelity["applies"] and list(fidelity["tasks"]) == TASKS
     assert in_unit_interval(fidelity["overall"]) and "held_out" not in fidelity["overall_over"]
+    # The overall counts each distinct prompt set once: clause-only rows grade the same images again.
+    assert set(fidelity["overall_over"]) == {"single_object", "spatial", "size"}
+    assert fidelity["overall"] == pytest.approx(
+        sum(fidelity["tasks"][n]["score"] for n in fidelity["overall_over"]) / 3)
     for task in fidelity["tasks"].values():
         assert in_unit_interval(task["score"]) and task["images"] == sum(p["images"] for p in task["prompts"]) > 0
     (section,) = results["localisation"]
