@@ -377,89 +377,90 @@ def train(
     interrupt = StopOnInterrupt()
     started = time.monotonic()
     window_start, window_images, window_losses, window_grounding = time.monotonic(), 0, [], []
-    while step < t.max_steps:
-        rows = order.rows(micro_step)
-        batch = dataset.batch(rows)
-        images, captions = batch.pixels.to(accelerator.device), batch.captions
-        caption_rows = text_states.rows(captions)
-        dropped = torch.rand(len(captions)) < t.caption_dropout  # classifier-free guidance: learn the null prompt
-        caption_rows[dropped] = CaptionRows.NULL_ROW
-        grounding = None
-        if token_objects is not None:
-            conditioned = ["" if d else c for c, d in zip(captions, dropped.tolist())]  # a dropped caption grounds nothing
-            targets = token_objects(conditioned, batch.word_objects).to(accelerator.device)  # (B, T)
-            grounding = Grounding(
-                targets, batch.masks.to(accelerator.device), t.grounding_coverage, t.grounding_pure_noise_weight
-            )
-        with accelerator.accumulate(*trained_models):
-            context, context_mask = text_states.lookup(caption_rows, accelerator.device)  # (B, T, D), (B, T)
-            terms = diffusion_loss(unet, noise_scheduler, images, context, context_mask, t.min_snr_gamma, grounding)
-            loss = terms.diffusion if terms.grounding is None else terms.diffusion + t.grounding_weight * terms.grounding
-            if not torch.isfinite(loss):
-                last = list_checkpoints(run_dir / "checkpoints")
-                kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
-                raise TrainingError(
-                    f"the loss became {loss.item()} at step {step}; training stopped and {kept}. "
-                    "Lower train.learning_rate, or use mixed_precision: no."
+    try:
+        while step < t.max_steps:
+            rows = order.rows(micro_step)
+            batch = dataset.batch(rows)
+            images, captions = batch.pixels.to(accelerator.device), batch.captions
+            caption_rows = text_states.rows(captions)
+            dropped = torch.rand(len(captions)) < t.caption_dropout  # classifier-free guidance: learn the null prompt
+            caption_rows[dropped] = CaptionRows.NULL_ROW
+            grounding = None
+            if token_objects is not None:
+                conditioned = ["" if d else c for c, d in zip(captions, dropped.tolist())]  # a dropped caption grounds nothing
+                targets = token_objects(conditioned, batch.word_objects).to(accelerator.device)  # (B, T)
+                grounding = Grounding(
+                    targets, batch.masks.to(accelerator.device), t.grounding_coverage, t.grounding_pure_noise_weight
                 )
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and t.grad_clip > 0:
-                accelerator.clip_grad_norm_(trained_parameters, t.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        micro_step += 1
-        window_images += len(captions) * accelerator.num_processes
-        window_losses.append(terms.diffusion.item())
-        if terms.grounding is not None:
-            window_grounding.append(terms.grounding.item())
-        if not accelerator.sync_gradients:
-            continue
-        lr_schedule.step()
-        ema.step(unet.parameters())
-        if tune_text:
-            text_ema.step(encoder.model.parameters())
-        step += 1
-        bar.update(step)
+            with accelerator.accumulate(*trained_models):
+                context, context_mask = text_states.lookup(caption_rows, accelerator.device)  # (B, T, D), (B, T)
+                terms = diffusion_loss(unet, noise_scheduler, images, context, context_mask, t.min_snr_gamma, grounding)
+                loss = terms.diffusion if terms.grounding is None else terms.diffusion + t.grounding_weight * terms.grounding
+                if not torch.isfinite(loss):
+                    last = list_checkpoints(run_dir / "checkpoints")
+                    kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+                    raise TrainingError(
+                        f"the loss became {loss.item()} at step {step}; training stopped and {kept}. "
+                        "Lower train.learning_rate, or use mixed_precision: no."
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.grad_clip > 0:
+                    accelerator.clip_grad_norm_(trained_parameters, t.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+            window_images += len(captions) * accelerator.num_processes
+            window_losses.append(terms.diffusion.item())
+            if terms.grounding is not None:
+                window_grounding.append(terms.grounding.item())
+            if not accelerator.sync_gradients:
+                continue
+            lr_schedule.step()
+            ema.step(unet.parameters())
+            if tune_text:
+                text_ema.step(encoder.model.parameters())
+            step += 1
+            bar.update(step)
 
-        if step % t.log_every == 0 or step == t.max_steps:
-            elapsed = time.monotonic() - window_start
-            scalars = {
-                "loss": sum(window_losses) / len(window_losses),
-                "learning_rate": lr_schedule.get_last_lr()[0],
-                "images_per_sec": window_images / max(elapsed, 1e-9),
-            }
-            if window_grounding:
-                scalars["grounding_loss"] = sum(window_grounding) / len(window_grounding)
-            accelerator.log(scalars, step=step)
-            bar.update(step, scalars["images_per_sec"], scalars["loss"])
-            grounding_note = f" grounding {scalars['grounding_loss']:.4f}" if window_grounding else ""
-            logger.info(
-                "step %d loss %.4f lr %.2e %.0f img/s%s", step, scalars["loss"], scalars["learning_rate"],
-                scalars["images_per_sec"], grounding_note,
-            )
-            window_start, window_images, window_losses, window_grounding = time.monotonic(), 0, [], []
-        out_of_time = t.max_minutes > 0 and time.monotonic() - started > 60 * t.max_minutes
-        if out_of_time:
-            logger.info("train.max_minutes=%g reached at step %d", t.max_minutes, step)
-        interrupted = interrupt.requested(accelerator)
-        if interrupted:
-            bar.close()
-            save_checkpoint()
-            interrupt.restore()
-            logger.info(
-                "stopped by Ctrl-C at step %d; checkpoint written. Continue with: python train.py --config %s "
-                "--output-dir %s --resume latest", step, run_dir / "config.yaml", run_dir,
-            )
-            accelerator.end_training()
-            return run_dir
-        if step % t.checkpoint_every == 0 or step == t.max_steps or out_of_time:
-            save_checkpoint()
-        if main and t.validate_every > 0 and (step % t.validate_every == 0 or step == t.max_steps or out_of_time):
-            validate()
-        if out_of_time:
-            break
+            if step % t.log_every == 0 or step == t.max_steps:
+                elapsed = time.monotonic() - window_start
+                scalars = {
+                    "loss": sum(window_losses) / len(window_losses),
+                    "learning_rate": lr_schedule.get_last_lr()[0],
+                    "images_per_sec": window_images / max(elapsed, 1e-9),
+                }
+                if window_grounding:
+                    scalars["grounding_loss"] = sum(window_grounding) / len(window_grounding)
+                accelerator.log(scalars, step=step)
+                bar.update(step, scalars["images_per_sec"], scalars["loss"])
+                grounding_note = f" grounding {scalars['grounding_loss']:.4f}" if window_grounding else ""
+                logger.info(
+                    "step %d loss %.4f lr %.2e %.0f img/s%s", step, scalars["loss"], scalars["learning_rate"],
+                    scalars["images_per_sec"], grounding_note,
+                )
+                window_start, window_images, window_losses, window_grounding = time.monotonic(), 0, [], []
+            out_of_time = t.max_minutes > 0 and time.monotonic() - started > 60 * t.max_minutes
+            if out_of_time:
+                logger.info("train.max_minutes=%g reached at step %d", t.max_minutes, step)
+            interrupted = interrupt.requested(accelerator)
+            if interrupted:
+                bar.close()
+                save_checkpoint()
+                logger.info(
+                    "stopped by Ctrl-C at step %d; checkpoint written. Continue with: python train.py --config %s "
+                    "--output-dir %s --resume latest", step, run_dir / "config.yaml", run_dir,
+                )
+                accelerator.end_training()
+                return run_dir
+            if step % t.checkpoint_every == 0 or step == t.max_steps or out_of_time:
+                save_checkpoint()
+            if main and t.validate_every > 0 and (step % t.validate_every == 0 or step == t.max_steps or out_of_time):
+                validate()
+            if out_of_time:
+                break
+    finally:  # Ctrl-C behaves as usual again, however the loop ended
+        interrupt.restore()
     bar.close()
-    interrupt.restore()
 
     # 6. Export the EMA weights with everything the sampler needs.
     accelerator.wait_for_everyone()
