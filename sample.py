@@ -16,8 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffusion.sampler_defaults import add_sampler_arguments, check_sampler_arguments, sampler_settings
 from diffusion.errors import UserError, exit_on_user_error
+from diffusion.sampling.settings import SamplerSettings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="first seed; images use seed, seed+1, ... (default 0)")
     parser.add_argument("--seeds", help="explicit seeds, e.g. 0-15 or 1,5,9 (overrides --seed/--num-images)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
-    add_sampler_arguments(parser)
+    SamplerSettings.add_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--out", help="output folder (default outputs/samples/<run name>)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing images with the same names")
@@ -44,23 +44,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    check_sampler_arguments(args)
+def check_args(args: argparse.Namespace) -> SamplerSettings:
+    settings = SamplerSettings.from_args(args)  # checks the sampler flags
     if args.num_images < 1 or args.batch_size < 1:
         raise UserError("--num-images and --batch-size must be at least 1")
     if not args.prompt and not args.prompts_file:
         raise UserError('give at least one --prompt "..." or a --prompts-file')
     if args.html and args.no_maps:
         raise UserError("--html makes a page of the attention maps, which --no-maps turns off; drop one of the two")
+    return settings
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    check_args(args)
-    from diffusion.attention_maps import MapSettings
-    from diffusion.generate import check_outputs_free, generate, parse_seeds, plan_jobs, read_prompts_file
-    from diffusion.pipeline import TextToImagePipeline, find_model_dir
+    sampler = check_args(args)
+    from diffusion.maps.aggregate import MapSettings
+    from diffusion.sampling.generate import check_outputs_free, generate, parse_seeds, plan_jobs, read_prompts_file
+    from diffusion.sampling.pipeline import TextToImagePipeline, find_model_dir
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.seed, args.seed + args.num_images))
     window = None
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (low.isdigit() and high.isdigit()):
             raise UserError(f"--maps-timesteps {args.maps_timesteps!r}: write it as LOW-HIGH, e.g. 0-500")
         window = (int(low), int(high))
-    settings = None if args.no_maps else MapSettings(
+    map_settings = None if args.no_maps else MapSettings(
         keep_layers=not args.no_layer_maps, snapshot_every=args.maps_every, timestep_range=window
     )
 
@@ -79,15 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     jobs = plan_jobs(prompts, seeds)
     check_outputs_free(jobs, out_dir, args.overwrite)
     pipe = TextToImagePipeline.from_run(model_dir, device=args.device)
-    pipe.use_scheduler(args.scheduler)
     written = generate(
-        pipe, jobs, out_dir, args.batch_size, args.steps, args.guidance, args.negative_prompt, settings,
-        extra_manifest={"model": str(model_dir.resolve()), **sampler_settings(args), "negative_prompt": args.negative_prompt},
-        progress=not args.no_progress, guidance_rescale=args.guidance_rescale, layout_guidance=args.layout_guidance,
+        pipe, jobs, out_dir, sampler, args.batch_size, args.negative_prompt, map_settings,
+        extra_manifest={"model": str(model_dir.resolve())}, progress=not args.no_progress,
     )
     print(f"wrote {len(written)} image(s) to {out_dir}" + ("" if args.no_maps else " with their attention maps (*.attn/)"))
     if args.html:
-        from diffusion.viewer import build_report
+        from diffusion.viewer.report import build_report
 
         print(f"wrote {build_report(out_dir)} (open it in a browser)")
     return 0

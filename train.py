@@ -34,16 +34,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        from diffusion.training import dry_run_report
+        from diffusion.training.setup import dry_run_report
 
         print(dry_run_report(cfg))
         return
     if args.prepare_only:
-        from diffusion.prepare import prepare_text_encoder
+        from diffusion.training.prepare import prepare_text_encoder
 
         print(prepare_text_encoder(cfg.text_encoder, cfg.data, cfg.cache_dir, progress=not args.no_progress))
         return
-    from diffusion.training import train
+    from diffusion.training.loop import train
 
     train(cfg, output_dir=args.output_dir, resume=args.resume, progress=not args.no_progress)
 

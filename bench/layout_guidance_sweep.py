@@ -18,11 +18,12 @@ import time
 
 import numpy as np
 
-from diffusion import layout_guidance, pipeline, sampler_defaults
-from diffusion.detector import DetectorSettings, detect
-from diffusion.eval_prompts import build_tasks, check
-from diffusion.evaluate import read_run_config, shapes_info
-from diffusion.pipeline import TextToImagePipeline, find_model_dir
+from diffusion.evaluation.cli import read_run_config, shapes_info
+from diffusion.evaluation.detector import DetectorSettings, detect
+from diffusion.evaluation.prompts import build_tasks, check
+from diffusion.sampling import layout_guidance, pipeline
+from diffusion.sampling.pipeline import TextToImagePipeline, find_model_dir
+from diffusion.sampling.settings import SamplerSettings
 
 
 def main() -> None:
@@ -37,7 +38,6 @@ def main() -> None:
     strengths = [float(s) for s in args.strengths.split(",")]
 
     pipe = TextToImagePipeline.from_run(args.model)
-    pipe.use_scheduler(sampler_defaults.SCHEDULER)
     info, _ = shapes_info(read_run_config(find_model_dir(args.model)))
     palette = {c: tuple(v) for c, v in info["palette"].items()}
     prompts = next(task.prompts for task in build_tasks(info) if task.name == "spatial")
@@ -46,7 +46,8 @@ def main() -> None:
     for seed in range(args.seeds):
         for strength in strengths:
             start = time.perf_counter()
-            images = pipe([p.text for p in prompts], [seed] * len(prompts), layout_guidance=strength).images
+            settings = SamplerSettings(layout_guidance=strength)  # the default sampler otherwise
+            images = pipe([p.text for p in prompts], [seed] * len(prompts), settings).images
             seconds[strength].append(time.perf_counter() - start)
             for prompt, image in zip(prompts, images):
                 verdicts[strength].append(check(prompt, detect(np.asarray(image), palette, DetectorSettings()), "all"))

@@ -11,7 +11,7 @@ already lie where the model thinks the objects go. For every two-object evaluati
    b (white - colour B), least squares, a and b clipped at 0;
 3. takes the centroid of each colour's amount along the relation's axis and checks the order.
 
-0.5 is chance; the sampled images' own relation accuracy is in the evaluation (diffusion.evaluate).
+0.5 is chance; the sampled images' own relation accuracy is in the evaluation (python -m diffusion.evaluation).
 
     python bench/layout_probe.py --model outputs/runs/<run>/model-30min [--seeds 8] [--guidance 3]
 """
@@ -23,12 +23,13 @@ import statistics
 
 import torch
 
-from diffusion.eval_prompts import build_tasks
-from diffusion.evaluate import read_run_config, shapes_info
-from diffusion.pipeline import TextToImagePipeline, find_model_dir
-from diffusion import sampler_defaults
-from diffusion.sampling import guide, initial_noise
-from diffusion.shapes import BACKGROUND, PALETTE, RELATION_AXES
+from diffusion.data.vocabulary import BACKGROUND, PALETTE
+from diffusion.evaluation.cli import read_run_config, shapes_info
+from diffusion.evaluation.prompts import build_tasks
+from diffusion.sampling.loop import guide, initial_noise
+from diffusion.sampling.pipeline import TextToImagePipeline, find_model_dir
+from diffusion.sampling.settings import SamplerSettings
+from diffusion.text.relations import RELATION_AXES
 
 
 def colour_amounts(x0: torch.Tensor, colour_a: str, colour_b: str) -> torch.Tensor:
@@ -71,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--guidance", type=float, default=sampler_defaults.GUIDANCE)
+    parser.add_argument("--guidance", type=float, default=SamplerSettings().guidance)
     args = parser.parse_args()
 
     pipe = TextToImagePipeline.from_run(args.model)

@@ -18,10 +18,11 @@ import time
 
 import torch
 
-from diffusion.attention_maps import AttentionAggregator, MapSettings
-from diffusion.generate import read_prompts_file
-from diffusion.pipeline import TextToImagePipeline
-from diffusion.sampling import sample
+from diffusion.sampling.settings import SamplerSettings
+from diffusion.maps.aggregate import AttentionAggregator, MapSettings
+from diffusion.sampling.generate import read_prompts_file
+from diffusion.sampling.pipeline import TextToImagePipeline
+from diffusion.sampling.loop import sample
 
 
 def timed(fn) -> float:
@@ -42,7 +43,7 @@ def memory_for_steps(pipe: TextToImagePipeline, prompts: list[str], steps: int) 
     aggregator = AttentionAggregator(len(prompts), pipe.unet.config.sample_size, MapSettings())
     generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
     sample(pipe.unet, pipe.scheduler, context, mask, null_context, null_mask, generators, num_steps=steps,
-           recorder_for_step=aggregator.recorder_for_step, callback=aggregator.after_step)
+           guidance_scale=SamplerSettings().guidance, hooks=[aggregator])
     aggregator.result()
     return held_bytes(aggregator)
 
@@ -62,7 +63,7 @@ def peak_rss_child(model: str, prompts_file: str, steps: int, maps: bool) -> flo
 def child_run(model: str, prompts_file: str, steps: int, maps: bool) -> None:
     pipe = TextToImagePipeline.from_run(model)
     prompts = read_prompts_file(prompts_file)
-    pipe(prompts, list(range(len(prompts))), num_steps=steps, return_attention=maps, layout_guidance=0)
+    pipe(prompts, list(range(len(prompts))), settings=SamplerSettings(steps=steps, layout_guidance=0), return_attention=maps)
 
 
 def main() -> None:
@@ -80,10 +81,10 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
 
     def plain():
-        pipe(prompts, seeds, num_steps=args.steps, layout_guidance=0)
+        pipe(prompts, seeds, settings=SamplerSettings(steps=args.steps, layout_guidance=0))
 
     def recorded():
-        pipe(prompts, seeds, num_steps=args.steps, return_attention=True, layout_guidance=0)
+        pipe(prompts, seeds, settings=SamplerSettings(steps=args.steps, layout_guidance=0), return_attention=True)
 
     plain(), recorded()  # warm-up
     times = {"without maps": [], "with maps": []}

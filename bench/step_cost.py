@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from diffusion.config import load_config
-from diffusion.data import CaptionedImageFolder
-from diffusion.grounding import TokenObjectTable
-from diffusion.objective import Grounding, diffusion_loss, make_noise_scheduler
-from diffusion.prepare import prepare_dataset, prepare_text_encoder
-from diffusion.text_cache import TextStateCache, TunedTextStates
-from diffusion.text_encoder import TextEncoder
-from diffusion.training import build_unet
+from diffusion.data.folder import CaptionedImageFolder
+from diffusion.training.grounding import TokenObjectTable
+from diffusion.training.objective import Grounding, diffusion_loss, make_noise_scheduler
+from diffusion.training.prepare import prepare_dataset, prepare_text_encoder
+from diffusion.training.text_states import TextStateCache, TunedTextStates
+from diffusion.text.encoder import TextEncoder
+from diffusion.training.setup import build_unet, resolve_precision
 
 
 def main() -> None:
@@ -50,7 +50,8 @@ def main() -> None:
     rows = frozen_states.rows(batch.captions)
     grounding = Grounding(table(batch.captions, batch.word_objects), batch.masks, cfg.train.grounding_coverage)
     scheduler = make_noise_scheduler(cfg.noise)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.mixed_precision)
+    precision, _ = resolve_precision(cfg.train.mixed_precision, torch.cuda.is_available())  # as training resolves it
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     unet = build_unet(cfg, encoder.hidden_size)
     variants = {  # name -> (UNet copy, text states, grounding targets)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from diffusion.tiny_clip import load_pairs, projected
+from diffusion.text.tiny_clip import load_pairs, projected
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
 SHAPES = ["circle", "square", "triangle", "star"]

@@ -7,7 +7,7 @@
 #
 #   bash bench/time_to_quality.sh [RUN_DIR]        (default outputs/runs/time-to-quality)
 #   MARKS="10 20 30" bash bench/time_to_quality.sh  (minutes at which to keep a model; default 10 20 40)
-#   OVERRIDES="train.text_encoder_lr=3e-4" bash bench/time_to_quality.sh  (config overrides, for ablations)
+#   OVERRIDES="train.text_encoder_lr=0" bash bench/time_to_quality.sh  (config overrides, for ablations)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-outputs/runs/time-to-quality}

@@ -20,7 +20,7 @@ from diffusers import UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion.config import load_config
-from diffusion.training import build_unet
+from diffusion.training.setup import build_unet
 
 
 def library_unet(cfg, context_dim: int) -> UNet2DConditionModel:

@@ -14,10 +14,9 @@ from typing import Any
 
 import yaml
 
-from diffusion import sampler_defaults as defaults
+from diffusion.sampling.settings import SamplerSettings
 from diffusion.errors import UserError
-from diffusion.shapes import ShapesConfig
-from diffusion.tiny_clip import TinyClipConfig
+from diffusion.data.vocabulary import MAX_SUPPORTED_OBJECTS, PALETTE, SHAPE_NAMES, parse_pair, parse_relation_pattern
 
 
 class ConfigError(UserError, ValueError):
@@ -27,6 +26,47 @@ class ConfigError(UserError, ValueError):
 def ranged(default: Any, *, ge: float | None = None, gt: float | None = None, lt: float | None = None, note: str = ""):
     """A scalar field with its valid range, checked when a config is loaded (`check_ranges`)."""
     return field(default=default, metadata={"range": (ge, gt, lt), "note": note})
+
+
+@dataclass
+class ShapesConfig:
+    """Everything that defines a generated shapes dataset; plain types so YAML can fill it."""
+
+    num_train: int = 20000
+    num_test: int = 1000
+    image_size: int = 32
+    seed: int = 0
+    colours: list[str] = field(
+        default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"]
+    )
+    shapes: list[str] = field(default_factory=lambda: list(SHAPE_NAMES))
+    max_objects: int = 3
+    held_out_pairs: list[str] = field(default_factory=lambda: ["red triangle", "blue star"])
+    held_out_relations: list[str] = field(default_factory=lambda: ["circle above square"])
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field and the allowed values."""
+        unknown_colours = [c for c in self.colours if c not in PALETTE]
+        if unknown_colours or not self.colours:
+            raise ValueError(f"shapes.colours {self.colours} must be a non-empty subset of {list(PALETTE)}")
+        unknown_shapes = [s for s in self.shapes if s not in SHAPE_NAMES]
+        if unknown_shapes or not self.shapes:
+            raise ValueError(f"shapes.shapes {self.shapes} must be a non-empty subset of {list(SHAPE_NAMES)}")
+        if not 1 <= self.max_objects <= MAX_SUPPORTED_OBJECTS:
+            raise ValueError(f"shapes.max_objects must be 1..{MAX_SUPPORTED_OBJECTS}, got {self.max_objects}")
+        if self.image_size < 16:
+            raise ValueError(f"shapes.image_size must be >= 16 so shapes stay recognisable, got {self.image_size}")
+        if self.num_train < 0 or self.num_test < 0:
+            raise ValueError("shapes.num_train and shapes.num_test must be >= 0")
+        for pair in self.held_out_pairs:
+            parse_pair(pair, self.colours, self.shapes)
+        for pattern in self.held_out_relations:
+            parse_relation_pattern(pattern, self.shapes)
+        if len(self.held_out_pairs) >= len(self.colours) * len(self.shapes):
+            raise ValueError("shapes.held_out_pairs holds out every colour-shape pair; nothing is left to train on")
 
 
 @dataclass
@@ -44,6 +84,35 @@ class DataConfig:
 
 
 @dataclass
+class TinyClipConfig:
+    """Architecture and training of the tiny CLIP; plain types so YAML can fill it."""
+
+    # Tokenizer and text tower.
+    vocab_size: int = 1024
+    max_length: int = 32  # tokens, including <|startoftext|> and <|endoftext|>
+    text_width: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    text_mlp_width: int = 512
+    # Vision tower: a small ViT.
+    image_size: int = 32
+    patch_size: int = 8  # a 4x4 grid of 8 px patches: ~4x cheaper per step than 4 px patches
+    vision_width: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vision_mlp_width: int = 512
+    projection_dim: int = 128
+    # Training.
+    steps: int = 450  # ~6 epochs of 20k pairs: ~3 min on 2 CPU cores
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    seed: int = 0
+    retrieval_pairs: int = 100  # held-out pairs with distinct captions for the retrieval metric
+
+
+@dataclass
 class TextEncoderConfig:
     # "tiny-clip" (our own CLIP, trained offline on the dataset's captions on first use), a Hub id
     # such as "openai/clip-vit-base-patch32", or a local directory holding a saved CLIP.
@@ -54,9 +123,9 @@ class TextEncoderConfig:
 @dataclass
 class UNetConfig:
     in_channels: int = ranged(3, ge=1)
-    base_channels: int = ranged(64, ge=1)
-    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2])
-    num_res_blocks: int = ranged(2, ge=1)
+    base_channels: int = ranged(32, ge=1)
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4])
+    num_res_blocks: int = ranged(1, ge=1)
     # Feature-map sizes (in pixels, e.g. 16 for 16x16) that get a cross-attention layer.
     cross_attention_resolutions: list[int] = field(default_factory=lambda: [16, 8])
     # Feature-map sizes that also get self-attention (costly at high resolution).
@@ -65,14 +134,9 @@ class UNetConfig:
     norm_groups: int = ranged(8, ge=1)
     dropout: float = ranged(0.0, ge=0, lt=1)
     # Width multiple of a gated feed-forward after each cross-attention layer (0: none).
-    ff_mult: int = ranged(0, ge=0, note="0: no feed-forward")
+    ff_mult: int = ranged(4, ge=0, note="0: no feed-forward")
     # Add the end token's text state (CLIP's pooled output) to the timestep embedding, as SDXL does.
-    pooled_text: bool = False
-    # Add a fixed sine-cosine embedding of pixel positions to the first feature map.
-    position_embedding: bool = False
-    # Bidirectional transformer layers over the text states before cross-attention (0: none). A causal
-    # text encoder's object words cannot see a relation stated after them; these let them.
-    text_refiner_layers: int = 0
+    pooled_text: bool = True
 
 
 @dataclass
@@ -92,36 +156,34 @@ class TrainConfig:
     batch_size: int = ranged(64, ge=1)
     learning_rate: float = ranged(1e-3, gt=0)
     warmup_steps: int = ranged(200, ge=0)
-    lr_schedule: str = "cosine"  # "cosine" (decays to zero at max_steps) or "constant"
-    max_steps: int = ranged(20000, ge=1)
+    lr_schedule: str = "constant"  # or "cosine" (decays to zero at max_steps)
+    max_steps: int = ranged(100000, ge=1)
     # Stop after this many minutes of training even if max_steps is not reached (0: no limit).
-    max_minutes: float = ranged(0.0, ge=0, note="0: no time limit")
+    max_minutes: float = ranged(30.0, ge=0, note="0: no time limit")
     weight_decay: float = ranged(0.0, ge=0)
     adam_beta2: float = ranged(0.99, ge=0, lt=1)
     grad_clip: float = ranged(1.0, ge=0, note="0: no clipping")
     gradient_accumulation_steps: int = ranged(1, ge=1)
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (fp16 on a GPU only)
+    # "auto": bf16 where the hardware computes it natively (a CPU with AVX-512/AMX, a GPU that supports it;
+    # fp16 on an older GPU), else fp32. "no" (fp32), "bf16" or "fp16" (on a GPU only) force one.
+    mixed_precision: str = "auto"
     caption_dropout: float = ranged(0.1, ge=0, lt=1)
     min_snr_gamma: float = ranged(0.0, ge=0, note="0: off")  # 0 turns min-SNR weighting off; 5 is the paper's value
-    # Weight of the grounding loss (diffusion.grounding): each caption word's cross-attention kept on the
+    # Weight of the grounding loss (diffusion.training.grounding): each caption word's cross-attention kept on the
     # object it names. Needs masks and word_objects in the dataset (the shapes dataset has them); 0: off.
-    grounding_weight: float = ranged(0.0, ge=0, note="0 turns the grounding loss off")
+    grounding_weight: float = ranged(0.1, ge=0, note="0 turns the grounding loss off")
     # Weight, inside the grounding loss, of its coverage term: a word's attention should reach its peak
-    # across the whole object, not only on part of it (diffusion.grounding). 0: off.
-    grounding_coverage: float = ranged(0.0, ge=0, note="0 turns the coverage term off")
-    # An image's grounding weight is alpha_bar, the signal left at its noise level (0 at pure noise),
-    # raised to this value at pure noise: above 0, attention must find an object's place from the text
-    # alone, as a layout must be chosen at the first sampling steps. 1: the same weight at every level.
-    grounding_pure_noise_weight: float = 0.0
+    # across the whole object, not only on part of it (diffusion.training.grounding). 0: off.
+    grounding_coverage: float = ranged(1.0, ge=0, note="0 turns the coverage term off")
     # Learning rate of the CLIP text tower, fine-tuned with the UNet on the same losses (its EMA weights
     # are exported with the model); 0 keeps it frozen and its states are computed once per caption.
-    text_encoder_lr: float = ranged(0.0, ge=0, note="0: frozen")
+    text_encoder_lr: float = ranged(3e-4, ge=0, note="0: frozen")
     ema_decay: float = ranged(0.999, ge=0, lt=1)
     ema_warmup: bool = True
-    checkpoint_every: int = ranged(1000, ge=1)
+    checkpoint_every: int = ranged(500, ge=1)
     keep_checkpoints: int = ranged(2, ge=0, note="0: keep all")
     log_every: int = ranged(50, ge=1)
-    validate_every: int = ranged(2000, ge=0, note="0: no validation")
+    validate_every: int = ranged(1000, ge=0, note="0: no validation")
     validation_prompts: list[str] = field(
         default_factory=lambda: [
             "a red circle",
@@ -132,8 +194,8 @@ class TrainConfig:
             "a purple star above an orange circle",
         ]
     )
-    validation_steps: int = ranged(defaults.STEPS, ge=1)
-    validation_guidance: float = ranged(defaults.GUIDANCE, ge=0)
+    validation_steps: int = ranged(SamplerSettings.steps, ge=1)
+    validation_guidance: float = ranged(SamplerSettings.guidance, ge=0)
 
 
 @dataclass
@@ -216,6 +278,30 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
+# Options measured and rejected, then removed (BENCHMARKS.md, "Tried and not adopted"), with their off
+# value: a config saved before their removal still loads when it holds them off; on is an error.
+RETIRED: dict[tuple[str, ...], Any] = {
+    ("unet", "position_embedding"): False,
+    ("unet", "text_refiner_layers"): 0,
+    ("train", "grounding_pure_noise_weight"): 0.0,
+    ("text_encoder", "tiny_clip", "hard_negative_groups"): [],
+}
+
+
+def drop_retired(values: dict, where: str) -> dict:
+    """Remove retired fields that hold their off value; a ConfigError for one that is on."""
+    for path, off in RETIRED.items():
+        node = values
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node and node.pop(path[-1]) != off:
+            raise ConfigError(
+                f"{where}: {'.'.join(path)} was removed after it was measured and not adopted (BENCHMARKS.md, "
+                '"Tried and not adopted", names the commit that still has it); drop the setting'
+            )
+    return values
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML preset (or the built-in defaults when `path` is None) and apply overrides."""
     values: dict = {}
@@ -228,7 +314,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         values = loaded or {}
-    values = apply_overrides(values, overrides or [])
+    values = drop_retired(apply_overrides(values, overrides or []), str(path or "config"))
     config = from_dict(Config, values)
     validate_config(config)
     return config
@@ -261,7 +347,7 @@ def check_ranges(section: Any, where: str) -> None:
 def validate_config(cfg: Config) -> None:
     """Checks across fields, so a bad config fails at load time with the field's name."""
     check_ranges(cfg, "")
-    _choose("train.mixed_precision", cfg.train.mixed_precision, ("no", "bf16", "fp16"))
+    _choose("train.mixed_precision", cfg.train.mixed_precision, ("auto", "no", "bf16", "fp16"))
     _choose("train.lr_schedule", cfg.train.lr_schedule, ("cosine", "constant"))
     _choose("noise.prediction_type", cfg.noise.prediction_type, ("epsilon", "v_prediction"))
     u = cfg.unet
@@ -278,11 +364,6 @@ def validate_config(cfg: Config) -> None:
                 f"every level's width (unet.base_channels x channel_mults: {width}) must be divisible by "
                 f"unet.head_dim ({u.head_dim}) and unet.norm_groups ({u.norm_groups})"
             )
-    if not 0 <= cfg.train.grounding_pure_noise_weight <= 1:
-        raise ConfigError(
-            f"train.grounding_pure_noise_weight must be in [0, 1] (0: weight by the signal left, 1: every noise "
-            f"level alike), got {cfg.train.grounding_pure_noise_weight}"
-        )
     if cfg.train.grounding_weight > 0 and not u.cross_attention_resolutions:
         raise ConfigError("train.grounding_weight > 0 needs cross-attention: list unet.cross_attention_resolutions")
     if any(m < 1 for m in u.channel_mults):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion.config import load_config
-from diffusion.training import train
+from diffusion.training.loop import train
 
 ROOT = Path(__file__).parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -24,7 +24,7 @@ def exported_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """Dataset and tiny CLIP for the tiny preset, built once for the whole session."""
-    from diffusion.prepare import prepare_text_encoder
+    from diffusion.training.prepare import prepare_text_encoder
 
     cache = tmp_path_factory.mktemp("cache")
     cfg = tiny_config(cache)

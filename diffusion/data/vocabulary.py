@@ -1,0 +1,54 @@
+"""The shapes world's words: palette colours, shape names, sizes, and the held-out compositions'
+notation. Pure Python, so the config can check a dataset's settings without loading numpy or PIL.
+"""
+
+from __future__ import annotations
+
+from diffusion.text.relations import RELATIONS
+
+# Palette: well-separated saturated colours, all far from the white background.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (230, 25, 25),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 230),
+    "yellow": (245, 210, 0),
+    "purple": (140, 40, 190),
+    "orange": (255, 130, 0),
+    "cyan": (0, 190, 210),
+    "pink": (255, 105, 180),
+    "brown": (130, 80, 30),
+    "black": (0, 0, 0),
+}
+BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+
+SHAPE_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+# Half-extent of an object's nominal box, as a fraction of image_size (at 32 px: 4.5 / 6.1 / 8 px).
+# Chosen so that three small objects fit in a row at 32 px, and a large one beside a medium one.
+SIZE_FRACTIONS: dict[str, float] = {"small": 0.14, "medium": 0.19, "large": 0.25}
+# Only these size words appear in captions; "medium" is the unmarked default.
+SIZE_WORDS: dict[str, str] = {"small": "small", "medium": "", "large": "large"}
+
+MAX_SUPPORTED_OBJECTS = 3  # the caption grammar below covers 1, 2 or 3 objects
+
+
+def parse_pair(text: str, colours: list[str], shapes: list[str]) -> tuple[str, str]:
+    """"red triangle" -> ("red", "triangle")."""
+    words = text.split()
+    if len(words) != 2 or words[0] not in colours or words[1] not in shapes:
+        raise ValueError(
+            f"held-out pair {text!r} must read '<colour> <shape>' with colour in {colours} and shape in {shapes}"
+        )
+    return words[0], words[1]
+
+
+def parse_relation_pattern(text: str, shapes: list[str]) -> tuple[str, str, str]:
+    """"circle above square" -> ("circle", "above", "square"); "star left of circle" works too."""
+    words = text.split()
+    if len(words) >= 3 and words[0] in shapes and words[-1] in shapes:
+        relation = " ".join(words[1:-1])
+        if relation in RELATIONS:
+            return words[0], relation, words[-1]
+    raise ValueError(
+        f"held-out relation {text!r} must read '<shape> <relation> <shape>' "
+        f"with shapes in {shapes} and relation in {list(RELATIONS)}"
+    )

@@ -1,0 +1,1 @@
+"""Evaluation: prompt fidelity (detector + prompts) and attention localisation, with a report and a CLI."""

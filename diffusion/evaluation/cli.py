@@ -1,0 +1,307 @@
+"""Does the model follow the prompt, and do its attention maps point at the right object?
+
+    python -m diffusion.evaluation --model outputs/runs/cpu
+    python -m diffusion.evaluation --model outputs/runs/cpu --seeds 8 --scheduler ddpm --steps 100 --out outputs/eval/cpu
+    python -m diffusion.evaluation --model outputs/runs/cpu --quick          # a handful of prompts, 2 seeds
+    python -m diffusion.evaluation --model outputs/runs/mine --masks masks.jsonl   # a model of your own data
+
+Prompt fidelity (in the manner of GenEval; shapes models only): the prompts of
+`diffusion.evaluation.prompts` are sampled with several seeds, `diffusion.evaluation.detector`
+finds the objects in each image, and an image passes a task when every clause the task grades
+holds. A task's score is its fraction of passing images; "overall" is the mean over the distinct
+prompt sets on trained compositions (single objects, pairs, sizes; each graded on all its clauses,
+so no image counts twice), and the held-out compositions are reported beside it. The colour,
+shape, two_objects and colour_binding rows grade the same images on fewer clauses and are shown,
+not averaged.
+
+Attention localisation (in the manner of DAAM): the sampler writes each image's word maps
+(`<name>.attn/maps.npz`, `manifest.json`), which are read back; each colour and shape word's map,
+divided by its maximum and thresholded, is compared with the mask of the object the detector
+found for that word (IoU), and its maximum should lie inside that object (pointing game). Two
+baselines sit in the same table: a uniform map, and the map of the same kind of word of the OTHER
+object of a two-object prompt ("swapped"). With --masks the masks come from the user instead:
+JSONL rows {"prompt": ..., "seed": 0, "masks": {"word": "mask.png"}} (mask pixels > 127 are the
+object; paths relative to the JSONL file).
+
+Everything goes to --out (default outputs/eval/<run name>/): samples/ (images and maps),
+results.json, results.md and failures.png (failed images, each with its reasons). Images already
+there are reused when their manifests record the same model and sampler settings.
+
+The command; the parts are diffusion.evaluation.fidelity (grading), .localisation (map scores)
+and .report (results.md, failures.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from diffusion.errors import UserError, exit_on_user_error
+from diffusion.evaluation.detector import DetectorSettings
+from diffusion.evaluation.fidelity import ImageRecord, evaluate_fidelity
+from diffusion.evaluation.localisation import (
+    LocalisationTable,
+    MaskRow,
+    localisation_section,
+    localise_shapes,
+    localise_user_masks,
+    read_masks_file,
+)
+from diffusion.evaluation.prompts import RELATION_MARGIN_PX, EvalPrompt, build_tasks
+from diffusion.evaluation.report import failure_grid, markdown
+from diffusion.maps.format import MANIFEST_FILE, attn_folder
+from diffusion.sampling.settings import SamplerSettings
+
+if TYPE_CHECKING:
+    from diffusion.sampling.generate import Job
+
+# ---------------------------------------------------------------------------------------------
+# The model and its data
+# ---------------------------------------------------------------------------------------------
+
+
+def run_name(model_dir: Path) -> str:
+    """outputs/runs/<name>/model -> <name>; any other model folder -> its own name."""
+    return model_dir.parent.name if model_dir.name == "model" else model_dir.name
+
+
+def output_dir(args: argparse.Namespace, name: str) -> Path:
+    """--out, or outputs/eval/<run name>."""
+    return Path(args.out) if args.out else Path("outputs/eval") / name
+
+
+def read_run_config(model_dir: Path):
+    """The resolved training config saved with the export (model/config.yaml)."""
+    from diffusion.config import ConfigError, load_config
+
+    path = model_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{model_dir} has no config.yaml, so what data the model was trained on is unknown")
+    try:
+        return load_config(path)
+    except ConfigError as error:
+        raise UserError(f"{path}: {error}") from None
+
+
+def shapes_info(cfg) -> tuple[dict, str]:
+    """The dataset's dataset_info.json (held-out pairs and relations, palette, config), and where it came from.
+
+    Read from the cached dataset when it is there; otherwise rebuilt from the run's config, which
+    defines the dataset completely (only the held-out row count is then unknown).
+    """
+    from diffusion.data.shapes import dataset_info
+    from diffusion.training.prepare import shapes_dir
+
+    path = shapes_dir(cfg.data, Path(cfg.cache_dir)) / "dataset_info.json"
+    if path.is_file():
+        return json.loads(path.read_text()), str(path)
+    return dataset_info(cfg.data.shapes, num_test_held_out=None), "rebuilt from the run's config (no cached dataset found)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_jobs(prompts: dict[str, EvalPrompt], seeds: list[int], rows: list[MaskRow] | None) -> list[Job]:
+    """The images to evaluate: every shapes prompt with every seed, then the user's (prompt, seed) rows."""
+    from diffusion.sampling.generate import Job
+
+    jobs = [Job(text, seed) for text in prompts for seed in seeds]
+    if rows is not None:
+        jobs += [job for job in dict.fromkeys(Job(r.prompt, r.seed) for r in rows) if job not in jobs]
+    return jobs
+
+
+def model_record(model_dir: Path) -> dict:
+    """What a manifest records of the model: its path and, when known, its training step."""
+    record = {"model": str(model_dir.resolve())}
+    info = model_dir / "training_info.json"
+    if info.is_file():  # a re-exported model at the same path has another step
+        record["model_step"] = json.loads(info.read_text()).get("step")
+    return record
+
+
+def stored_settings(manifest: dict, expected: dict) -> dict:
+    """What a stored image manifest records of the keys of `expected` (model and sampler settings)."""
+    stored = {k: manifest.get(k) for k in expected}
+    if "layout_guidance" not in manifest:  # written before --layout-guidance existed: made without
+        stored["layout_guidance"] = 0.0
+    if manifest.get("guidance_rescale"):  # made with the retired --guidance-rescale: never the same settings
+        stored["guidance_rescale"] = manifest["guidance_rescale"]
+    return stored
+
+
+def sample_missing(pipe_loader, jobs: list[Job], samples_dir: Path, args, model_dir: Path) -> tuple[int, int]:
+    """Sample the jobs whose image and maps are not in samples_dir yet; (sampled, reused).
+
+    An image already there is reused when its manifest records the same model (path and training
+    step) and sampler settings (scheduler, steps, guidance scale, layout guidance); one made with
+    other settings stops the evaluation unless --overwrite.
+    """
+    from diffusion.maps.aggregate import MapSettings
+    from diffusion.sampling.generate import generate
+
+    names = [j.file_name for j in jobs]
+    if len(set(names)) != len(names):
+        raise UserError("two prompts map to the same file name; make them differ in their first 60 characters")
+    model = model_record(model_dir)
+    expected = {**model, **args.sampler.manifest()}
+    todo = []
+    for job in jobs:
+        image = samples_dir / job.file_name
+        manifest = attn_folder(image) / MANIFEST_FILE
+        if args.overwrite or not manifest.is_file() or not image.is_file():
+            todo.append(job)
+            continue
+        stored = stored_settings(json.loads(manifest.read_text()), expected)
+        if stored != expected:
+            raise UserError(
+                f"{samples_dir} holds {job.file_name} made with other settings ({stored}); "
+                "pass --overwrite to resample or choose another --out"
+            )
+    if todo:
+        generate(
+            pipe_loader(), todo, samples_dir, args.sampler, args.batch_size, maps=MapSettings(keep_layers=False),
+            extra_manifest=model, progress=not args.no_progress,
+        )
+    return len(todo), len(jobs) - len(todo)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, checked; args.sampler holds the sampler settings (SamplerSettings)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m diffusion.evaluation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="a run folder (outputs/runs/<name>) or an exported model folder")
+    parser.add_argument("--out", help="output folder (default outputs/eval/<run name>)")
+    parser.add_argument("--seeds", type=int, help="seeds per prompt, 0..N-1 (default 4; 2 with --quick)")
+    SamplerSettings.add_arguments(parser)
+    parser.add_argument("--quick", action="store_true", help="a handful of prompts per task (for tests)")
+    parser.add_argument("--masks", help="JSONL of {prompt, seed, masks: {word: mask.png}} for attention localisation")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--overwrite", action="store_true", help="resample images already in the output folder")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = 2 if args.quick else 4
+    if args.seeds < 1 or args.batch_size < 1:
+        raise UserError("--seeds and --batch-size must be at least 1")
+    args.sampler = SamplerSettings.from_args(args)
+    return args
+
+
+def detector_localisation(records: list[ImageRecord]) -> dict:
+    """The localisation section of a shapes model: each colour and shape word against its detected object."""
+    table = LocalisationTable(("colour", "shape"))
+    counts = localise_shapes(records, table)
+    source = "the detector: each colour and shape word -> the detected object of that colour and shape"
+    return localisation_section(source, table, counts)
+
+
+def user_localisation(rows: list[MaskRow], samples_dir: Path, masks_file: str) -> dict:
+    """The localisation section of --masks: each masked word against the user's mask (problems warned about)."""
+    table = LocalisationTable(("word",))
+    counts = localise_user_masks(rows, samples_dir, table)
+    for problem in counts["problems"]:
+        print(f"warning: --masks {problem}", file=sys.stderr)
+    return localisation_section(f"the user's masks ({masks_file})", table, counts)
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Run the evaluation the arguments ask for; write the reports and return results.json's content."""
+    from diffusion.sampling.generate import Job
+    from diffusion.sampling.pipeline import TextToImagePipeline, find_model_dir
+
+    model_dir = find_model_dir(args.model)
+    cfg = read_run_config(model_dir)
+    is_shapes = cfg.data.dataset == "shapes"
+    rows = read_masks_file(Path(args.masks)) if args.masks else None
+    if not is_shapes and rows is None:
+        raise UserError(
+            f"{model_dir} was trained on {cfg.data.dataset}, not the built-in shapes dataset: prompt fidelity applies "
+            "to the shapes domain only, and attention localisation needs the objects' masks. Pass --masks FILE, a "
+            'JSONL with rows {"prompt": "a dog on a sofa", "seed": 0, "masks": {"dog": "masks/dog0.png"}}'
+        )
+    out_dir = output_dir(args, run_name(model_dir))
+    samples_dir = out_dir / "samples"
+    seeds = list(range(args.seeds))
+    detector = DetectorSettings()
+
+    # 1. Plan the images: the shapes prompts with every seed, and the user's (prompt, seed) rows.
+    tasks, info, info_source = [], None, None
+    if is_shapes:
+        info, info_source = shapes_info(cfg)
+        tasks = build_tasks(info, quick=args.quick)
+    prompts = {p.text: p for task in tasks for p in task.prompts}
+    jobs = plan_jobs(prompts, seeds, rows)
+
+    # 2. Sample what is missing, with maps.
+    def load_pipe():
+        return TextToImagePipeline.from_run(model_dir, device=args.device)
+
+    sampled, reused = sample_missing(load_pipe, jobs, samples_dir, args, model_dir)
+    print(f"{sampled} image(s) sampled, {reused} reused, in {samples_dir}")
+
+    # 3. Detect the objects of every shapes image and locate each named object.
+    palette = {c: tuple(v) for c, v in info["palette"].items()} if info else None
+    records = [
+        ImageRecord.detect(prompt, seed, samples_dir / Job(text, seed).file_name, palette, detector)
+        for text, prompt in prompts.items()
+        for seed in seeds
+    ]
+
+    # 4. Grade the shapes images; score the maps against detected objects and/or the user's masks.
+    localisation = []
+    if is_shapes:
+        fidelity = evaluate_fidelity(tasks, records)
+        localisation.append(detector_localisation(records))
+    else:
+        fidelity = {
+            "applies": False,
+            "message": f"Prompt fidelity applies to the shapes domain only; this model was trained on {cfg.data.dataset}.",
+        }
+    if rows is not None:
+        localisation.append(user_localisation(rows, samples_dir, args.masks))
+
+    s = args.sampler
+    results = {
+        "model": str(model_dir),
+        "run_name": run_name(model_dir),
+        "images": len(jobs),
+        "settings": {
+            "seeds": args.seeds, "steps": s.steps, "guidance": s.guidance, "scheduler": s.scheduler,
+            "quick": args.quick, "layout_guidance": s.layout_guidance,
+            "relation_margin_px": RELATION_MARGIN_PX, "detector": detector.to_dict(),
+        },
+        "dataset_info": info_source,
+        "fidelity": fidelity,
+        "localisation": localisation,
+        "per_image": [r.to_dict(out_dir) for r in records],
+    }
+
+    # 5. Reports.
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out_dir / "results.md").write_text(markdown(results))
+    results["failure_tiles"] = failure_grid(records, out_dir / "failures.png") if is_shapes else 0
+    return results
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results = evaluate(args)
+    out_dir = output_dir(args, results["run_name"])
+    print(markdown(results))
+    written = ["results.json", "results.md"] + (["failures.png"] if results["failure_tiles"] else [])
+    print(f"wrote {', '.join(str(out_dir / name) for name in written)}")
+    return 0

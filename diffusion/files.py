@@ -1,0 +1,47 @@
+"""Writing a folder so that it appears whole or not at all (datasets, the tiny CLIP, checkpoints, exports).
+
+Everything is written into a hidden sibling first and renamed into place once complete, so a process
+killed at any moment never leaves a half-written folder that looks whole.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def staging_dir(final: Path, tag: str = "partial") -> Path:
+    """A fresh, empty hidden sibling of `final` (.<name>.<tag>) to write into before `commit_dir`."""
+    tmp = final.parent / f".{final.name}.{tag}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Move a completely written folder into place (replacing an older one of the same name)."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Write into the yielded folder: it becomes `final` when the block ends, and is removed if it fails.
+    The staging name carries the process id, so two processes writing the same folder do not collide."""
+    final = Path(final)
+    tmp = staging_dir(final, f"partial-{os.getpid()}")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_dir(tmp, final)

@@ -1,0 +1,114 @@
+"""Aggregating cross-attention maps over layers and denoising steps, as the literature does.
+
+Per layer: the probabilities (B, heads, HW, T) of the conditional rows are averaged over heads and
+added to a running sum at the layer's own resolution, so memory does not grow with the number of
+steps. At the end each layer's mean is upsampled to the image size, and the global map is the mean
+over layers. Optional per-step snapshots keep the global map at chosen steps.
+
+The aggregator is a sampling hook: the loop asks its `recorder(step_index, timestep)` for each
+step's recorder and passes it to the UNet explicitly: no global hooks, no call counting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from diffusion.model.attention import AttentionRecorder
+from diffusion.sampling.loop import SamplingHook
+
+
+@dataclass
+class MapSettings:
+    """What to aggregate; every choice is written into the manifest beside the maps."""
+
+    # Keep each layer's own map as well as the global mean over layers.
+    keep_layers: bool = True
+    # Snapshot the global map after every N-th step (0: none).
+    snapshot_every: int = 0
+    # Aggregate only steps whose timestep lies in [low, high] (None: all steps).
+    timestep_range: tuple[int, int] | None = None
+    upsample_mode: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class AttentionMaps:
+    """Maps of one batch of B images: every array is (B, T, S, S) float32, tokens in prompt order."""
+
+    global_map: torch.Tensor
+    layers: dict[str, torch.Tensor] = field(default_factory=dict)
+    snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # step index -> global map
+    steps_aggregated: list[int] = field(default_factory=list)  # timesteps summed into the maps
+
+
+class AttentionAggregator(SamplingHook):
+    """Accumulates the conditional half's maps of a guided batch over steps and layers."""
+
+    def __init__(self, batch_size: int, image_size: int, settings: MapSettings | None = None):
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.settings = settings or MapSettings()
+        self.sums: dict[str, torch.Tensor] = {}  # layer -> (B, T, r, r) running sum
+        self.counts: dict[str, int] = {}
+        self.snapshots: dict[int, torch.Tensor] = {}
+        self.steps_aggregated: list[int] = []
+
+    def recorder(self, step_index: int, timestep: int) -> AttentionRecorder | None:
+        """The recorder to pass to the UNet at this step, or None to skip recording it."""
+        window = self.settings.timestep_range
+        if window is not None and not window[0] <= timestep <= window[1]:
+            return None
+        self.steps_aggregated.append(timestep)
+
+        def record(layer_name: str, probs: torch.Tensor) -> None:
+            # 1. Conditional rows only (they come first in a guided batch); mean over heads.
+            per_pixel = probs[: self.batch_size].float().mean(dim=1)  # (B, HW, T)
+            b, hw, t = per_pixel.shape
+            side = int(round(hw**0.5))
+            # 2. Add to this layer's running sum at its own resolution.
+            as_images = per_pixel.transpose(1, 2).reshape(b, t, side, side)  # (B, T, r, r)
+            if layer_name in self.sums:
+                self.sums[layer_name] += as_images
+                self.counts[layer_name] += 1
+            else:
+                self.sums[layer_name] = as_images.clone()
+                self.counts[layer_name] = 1
+
+        return record
+
+    def after_step(self, step_index: int, timestep: int) -> None:
+        """Snapshot the global map every `snapshot_every` steps."""
+        every = self.settings.snapshot_every
+        if every > 0 and (step_index + 1) % every == 0 and self.sums:
+            self.snapshots[step_index] = self._global(self._layer_means())
+
+    def _upsample(self, maps: torch.Tensor) -> torch.Tensor:
+        if maps.shape[-1] == self.image_size:
+            return maps
+        mode = self.settings.upsample_mode
+        kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+        return F.interpolate(maps, size=(self.image_size, self.image_size), mode=mode, **kwargs)
+
+    def _layer_means(self) -> dict[str, torch.Tensor]:
+        """Each layer's mean over the steps so far, upsampled to the image: (B, T, S, S)."""
+        return {name: self._upsample(total / self.counts[name]) for name, total in self.sums.items()}
+
+    @staticmethod
+    def _global(layer_means: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack(list(layer_means.values())).mean(dim=0)  # (B, T, S, S)
+
+    def result(self) -> AttentionMaps:
+        if not self.sums:
+            raise RuntimeError("no attention was recorded: the timestep range excluded every step")
+        layers = self._layer_means()
+        return AttentionMaps(
+            global_map=self._global(layers),
+            layers=layers if self.settings.keep_layers else {},
+            snapshots=dict(self.snapshots),
+            steps_aggregated=list(self.steps_aggregated),
+        )

@@ -1,0 +1,1 @@
+"""The network: our attention layers and the text-conditioned UNet built from them."""

@@ -1,0 +1,257 @@
+"""A small text-conditioned UNet, written by hand.
+
+Residual blocks carry a timestep embedding; down and up paths are joined by skip connections; at
+the configured feature-map sizes each block adds self-attention and/or our cross-attention to the
+CLIP text states. The UNet maps (noisy image, timestep, text states) to the model output and knows
+nothing of the noise schedule. Save/load comes from diffusers' ModelMixin + ConfigMixin
+(`save_pretrained` writes config.json + safetensors; `from_pretrained` rebuilds from them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from diffusion.model.attention import AttentionRecorder, CrossAttention, FeedForward, SelfAttention
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None, :]  # (B, half)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)  # (B, dim)
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, plus the timestep embedding, twice; with a skip connection."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, norm_groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(norm_groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(norm_groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
+        h = h + self.emb(emb)[:, :, None, None]  # timestep, broadcast over pixels
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class UNetBlock(nn.Module):
+    """A residual block, then optional self-attention, cross-attention and (after cross-attention,
+    when ff_mult > 0) a feed-forward at this resolution."""
+
+    def __init__(
+        self, in_ch: int, out_ch: int, emb_dim: int, context_dim: int, self_attend: bool, cross_attend: bool,
+        head_dim: int, norm_groups: int, dropout: float, ff_mult: int,
+    ):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, emb_dim, norm_groups, dropout)
+        self.self_attn = SelfAttention(out_ch, head_dim, norm_groups) if self_attend else None
+        self.cross_attn = CrossAttention(out_ch, context_dim, head_dim, norm_groups) if cross_attend else None
+        self.ff = FeedForward(out_ch, ff_mult, norm_groups) if cross_attend and ff_mult > 0 else None
+
+    def forward(self, x, emb, context, context_mask, recorder: AttentionRecorder | None = None):
+        x = self.res(x, emb)
+        if self.self_attn is not None:
+            x = self.self_attn(x)
+        if self.cross_attn is not None:
+            x = self.cross_attn(x, context, context_mask, recorder)
+        if self.ff is not None:
+            x = self.ff(x)
+        return x
+
+
+# Config keys of options measured, rejected and removed (BENCHMARKS.md, "Tried and not adopted"), with
+# their off value: a model exported before the removal holds them off and still loads, silently.
+RETIRED_CONFIG = {"position_embedding": False, "text_refiner_layers": 0}
+
+
+class UNet(ModelMixin, ConfigMixin):
+    """(noisy image (B, C, S, S), timestep (B,), text states (B, T, D), text mask (B, T)) -> (B, C, S, S)."""
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        config_dict = dict(config_dict)
+        for key, off in RETIRED_CONFIG.items():
+            value = config_dict.pop(key, off)
+            if value != off:
+                raise ValueError(
+                    f"the UNet was trained with {key}={value!r}, an option since removed (BENCHMARKS.md, "
+                    "'Tried and not adopted', names the commit that can load it)"
+                )
+        return super().extract_init_dict(config_dict, **kwargs)
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        in_channels: int = 3,
+        context_dim: int = 128,
+        base_channels: int = 64,
+        channel_mults: tuple[int, ...] = (1, 2, 2),
+        num_res_blocks: int = 2,
+        cross_attention_resolutions: tuple[int, ...] = (16, 8),
+        self_attention_resolutions: tuple[int, ...] = (8,),
+        head_dim: int = 32,
+        norm_groups: int = 8,
+        dropout: float = 0.0,
+        ff_mult: int = 0,
+        pooled_text: bool = False,
+    ):
+        super().__init__()
+        resolutions = [sample_size // 2**i for i in range(len(channel_mults))]
+        check_attention_resolutions(resolutions, cross_attention_resolutions, self_attention_resolutions)
+        emb_dim = 4 * base_channels
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        # Global text condition (as SDXL adds CLIP's pooled output to the timestep embedding): the end
+        # token's state, which has read the whole prompt. Token states alone cannot tell "a red circle
+        # left of a blue square" from the start of a longer caption; the end token can.
+        self.text_mlp = (
+            nn.Sequential(nn.Linear(context_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if pooled_text else None
+        )
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+
+        def block(in_ch: int, out_ch: int, res: int) -> UNetBlock:
+            return UNetBlock(
+                in_ch, out_ch, emb_dim, context_dim, res in self_attention_resolutions,
+                res in cross_attention_resolutions, head_dim, norm_groups, dropout, ff_mult,
+            )
+
+        # Down path: num_res_blocks blocks per level, then a strided conv (not after the last level).
+        widths = [base_channels * m for m in channel_mults]
+        skip_widths = [base_channels]
+        self.down = nn.ModuleList()
+        self.downsample = nn.ModuleList()
+        ch = base_channels
+        for level, (width, res) in enumerate(zip(widths, resolutions)):
+            blocks = nn.ModuleList()
+            for _ in range(num_res_blocks):
+                blocks.append(block(ch, width, res))
+                ch = width
+                skip_widths.append(ch)
+            self.down.append(blocks)
+            last = level == len(widths) - 1
+            self.downsample.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+            if not last:
+                skip_widths.append(ch)
+
+        # Middle: attention at the lowest resolution, between two residual blocks.
+        low = resolutions[-1]
+        self.mid = nn.ModuleList([block(ch, ch, low), block(ch, ch, -1)])
+
+        # Up path: num_res_blocks + 1 blocks per level, each eating one skip, then nearest upsampling.
+        self.up = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            blocks = nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                blocks.append(block(ch + skip_widths.pop(), widths[level], resolutions[level]))
+                ch = widths[level]
+            self.up.append(blocks)
+            first = level == 0
+            self.upsample.append(nn.Identity() if first else nn.Conv2d(ch, ch, 3, padding=1))
+
+        self.norm_out = nn.GroupNorm(norm_groups, ch)
+        self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
+        self.initialize_weights()
+        for name, module in self.named_modules():
+            if isinstance(module, CrossAttention):
+                module.layer_name = name
+
+    def initialize_weights(self) -> None:
+        """PyTorch defaults everywhere, but every residual branch and the output start at zero,
+        so the untrained network is the identity on its residual stream."""
+        for module in self.modules():
+            if isinstance(module, ResBlock):
+                nn.init.zeros_(module.conv2.weight)
+                nn.init.zeros_(module.conv2.bias)
+            if isinstance(module, (CrossAttention, SelfAttention, FeedForward)):
+                nn.init.zeros_(module.to_out.weight)
+                nn.init.zeros_(module.to_out.bias)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+        if self.text_mlp is not None:
+            nn.init.zeros_(self.text_mlp[-1].weight)
+            nn.init.zeros_(self.text_mlp[-1].bias)
+
+    @property
+    def cross_attention_layers(self) -> dict[str, int]:
+        """Name (module path) -> feature-map size of every cross-attention layer, in forward order."""
+        sizes = {}
+        for name, module in self.named_modules():
+            if isinstance(module, CrossAttention):
+                sizes[name] = self._resolution_of(name)
+        return sizes
+
+    def _resolution_of(self, name: str) -> int:
+        part, index = name.split(".")[:2]
+        levels = len(self.config.channel_mults)
+        level = {"down": int(index), "mid": levels - 1, "up": levels - 1 - int(index)}[part]
+        return self.config.sample_size // 2**level
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        recorder: AttentionRecorder | None = None,
+    ) -> torch.Tensor:
+        if timestep.ndim == 0:
+            timestep = timestep.expand(sample.shape[0])
+        # 1. The timestep embedding (plus, if configured, the pooled text) shared by all residual blocks.
+        emb = self.time_mlp(timestep_embedding(timestep, self.config.base_channels))  # (B, 4C)
+        if self.text_mlp is not None:
+            emb = emb + self.text_mlp(end_token_states(context, context_mask))  # (B, 4C)
+        # 2. Down path, remembering a skip after every block and downsampling.
+        h = self.conv_in(sample)  # (B, C, S, S)
+        skips = [h]
+        for blocks, downsample in zip(self.down, self.downsample):
+            for blk in blocks:
+                h = blk(h, emb, context, context_mask, recorder)
+                skips.append(h)
+            if not isinstance(downsample, nn.Identity):
+                h = downsample(h)
+                skips.append(h)
+        # 3. Middle at the lowest resolution.
+        for blk in self.mid:
+            h = blk(h, emb, context, context_mask, recorder)
+        # 4. Up path, concatenating the skips in reverse order.
+        for blocks, upsample in zip(self.up, self.upsample):
+            for blk in blocks:
+                h = blk(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask, recorder)
+            if not isinstance(upsample, nn.Identity):
+                h = upsample(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        # 5. Back to image channels.
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def end_token_states(context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, D) text states -> (B, D): each prompt's last unmasked token, CLIP's end token."""
+    if context_mask is None:
+        return context[:, -1]
+    last = context_mask.long().sum(dim=1).clamp(min=1) - 1  # (B,)
+    return context[torch.arange(context.shape[0], device=context.device), last]
+
+
+def check_attention_resolutions(resolutions: list[int], cross: tuple[int, ...], self_: tuple[int, ...]) -> None:
+    """Every asked-for attention resolution must be one the UNet has."""
+    for kind, asked in (("cross_attention_resolutions", cross), ("self_attention_resolutions", self_)):
+        missing = sorted(set(asked) - set(resolutions))
+        if missing:
+            raise ValueError(
+                f"unet.{kind} asks for {missing}, but this UNet's feature maps are {resolutions} pixels wide "
+                f"(image size halved at each of {len(resolutions)} levels); choose from {resolutions}"
+            )

@@ -1,0 +1,120 @@
+"""The sampling loop: one plain function over any diffusers scheduler, with classifier-free guidance
+and generic per-step hooks (as k-diffusion's `callback`, but able to record attention and move x_t).
+
+Conditional and unconditional predictions are computed in one batched forward pass; the
+conditional half comes first, so a recorder that wants only its maps takes rows [:B].
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Callable
+
+import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from diffusion.model.attention import AttentionRecorder
+
+# denoise(x_t, recorder) -> the UNet's output on the prompts alone (B rows, no guidance), with the
+# attention of that pass reported to `recorder`: what a hook that steers x_t differentiates.
+Denoise = Callable[[torch.Tensor, AttentionRecorder], torch.Tensor]
+
+
+class SamplingHook:
+    """Per-step hooks of `sample`; each method's default does nothing. At step i (timestep t):
+    `before_step` may move x_t, `recorder` may ask for the step's attention, `after_step` observes."""
+
+    def before_step(self, i: int, t: int, x: torch.Tensor, denoise: Denoise) -> torch.Tensor:
+        return x
+
+    def recorder(self, i: int, t: int) -> AttentionRecorder | None:
+        return None
+
+    def after_step(self, i: int, t: int) -> None:
+        pass
+
+
+class OnStep(SamplingHook):
+    """A hook that calls fn(i, t) after every step (a progress bar, a log line)."""
+
+    def __init__(self, fn: Callable[[int, int], None]):
+        self.fn = fn
+
+    def after_step(self, i: int, t: int) -> None:
+        self.fn(i, t)
+
+
+def initial_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """One generator per image, so any image can be regenerated alone from its seed: (B, *shape)."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance of model outputs (B, C, S, S): uncond + w (cond - uncond)."""
+    return uncond + scale * (cond - uncond)
+
+
+def _one_recorder(recorders: list[AttentionRecorder]) -> AttentionRecorder | None:
+    """The step's recorders as one (the UNet takes one)."""
+    if len(recorders) <= 1:
+        return recorders[0] if recorders else None
+
+    def record_all(layer_name: str, probs: torch.Tensor) -> None:
+        for record in recorders:
+            record(layer_name, probs)
+
+    return record_all
+
+
+@torch.no_grad()
+def sample(
+    unet: torch.nn.Module,
+    scheduler: SchedulerMixin,
+    context: torch.Tensor,
+    context_mask: torch.Tensor,
+    null_context: torch.Tensor,
+    null_mask: torch.Tensor,
+    generators: list[torch.Generator],
+    num_steps: int,
+    guidance_scale: float,
+    hooks: Sequence[SamplingHook] = (),
+) -> torch.Tensor:
+    """Denoise pure noise into images in [-1, 1]: (B, C, S, S).
+
+    context: (B, T, D) text states of the prompts, context_mask: (B, T); null_*: the unconditional
+    (empty or negative) prompt's, (1 or B, T, D) / (1 or B, T). `hooks`: see `SamplingHook`.
+    """
+    b = context.shape[0]
+    size = unet.config.sample_size
+    device = context.device
+    scheduler.set_timesteps(num_steps, device=device)
+    x = initial_noise(generators, (unet.config.in_channels, size, size), device) * scheduler.init_noise_sigma
+    guided = guidance_scale != 1.0
+    text, text_mask = context, context_mask  # (B, T, D), (B, T): the prompts alone
+    if guided:
+        # Conditional rows first, then the unconditional ones: (2B, T, D).
+        context = torch.cat([context, null_context.expand(b, -1, -1)])
+        context_mask = torch.cat([context_mask, null_mask.expand(b, -1)])
+    # Schedulers that add noise in their step (DDPM) draw it from each image's own generator.
+    step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for i, t in enumerate(scheduler.timesteps):
+        # 0. Hooks may move x_t first (layout guidance), through a conditional pass they can differentiate.
+        def denoise(x_t: torch.Tensor, recorder: AttentionRecorder, t=t) -> torch.Tensor:
+            return unet(scheduler.scale_model_input(x_t, t), t.expand(b), text, text_mask, recorder=recorder)
+
+        for hook in hooks:
+            x = hook.before_step(i, int(t), x, denoise)
+        # 1. Model output for the conditional and unconditional rows in one pass.
+        recorder = _one_recorder([r for hook in hooks if (r := hook.recorder(i, int(t))) is not None])
+        x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        out = unet(x_in, t.expand(x_in.shape[0]), context, context_mask, recorder=recorder)
+        # 2. Classifier-free guidance.
+        if guided:
+            cond, uncond = out.chunk(2)  # (B, C, S, S) each
+            out = guide(cond, uncond, guidance_scale)
+        # 3. One scheduler step towards t-1.
+        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+        for hook in hooks:
+            hook.after_step(i, int(t))
+    return x.clamp(-1, 1)

@@ -1,0 +1,210 @@
+"""The training loop: our UNet on a captioned image folder, with Hugging Face accelerate.
+
+Runs as one CPU process, on one GPU, or on several processes (`accelerate launch`): prepare, step,
+log, checkpoint, validate, stop, export. What each stage needs lives in its own module of
+`diffusion.training`: setup (checks, data, precision), run_folder, text_states (frozen or tuned text
+tower), objective and grounding (the losses), checkpoints, validation, export.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
+
+from diffusion.config import Config, TrainConfig
+from diffusion.model.unet import UNet
+from diffusion.training.batches import BatchOrder
+from diffusion.training.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from diffusion.training.ema import ema_weights
+from diffusion.training.export import export_model
+from diffusion.training.interrupt import StopOnInterrupt
+from diffusion.training.objective import Grounding, diffusion_loss, make_noise_scheduler
+from diffusion.training.progress import LogWindow, TrainingProgress
+from diffusion.training.run_folder import open_run_dir, setup_logging, shared_run_dir
+from diffusion.training.setup import TrainingError, build_unet, check_can_start, prepare_training_data, resolve_precision
+from diffusion.training.text_states import CaptionRows, FrozenText, TunedText
+from diffusion.training.validation import validate
+
+logger = logging.getLogger("diffusion")
+
+
+def train(cfg: Config, output_dir: str | None = None, resume: str | None = None, progress: bool = True) -> Path:
+    """Train `cfg` and return the run folder (which holds the exported model under model/)."""
+    t = cfg.train
+    # 1. Checks, accelerator, the run folder's name (decided on the main process and shared).
+    check_can_start(cfg)
+    precision, why = resolve_precision(t.mixed_precision, torch.cuda.is_available())
+    accelerator = Accelerator(
+        # Several processes without a GPU (torchrun, or `accelerate launch --multi_gpu`) train on
+        # the CPU over gloo; accelerate only picks that backend when told the device is the CPU.
+        cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available(),
+        mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        log_with="tensorboard", project_config=ProjectConfiguration(project_dir="."),
+    )
+    main = accelerator.is_main_process
+    setup_logging(main)
+    run_dir = shared_run_dir(cfg, output_dir, resume, accelerator)
+
+    # 2. Data and text encoder (cached after first use), then the run folder: a failed start leaves none.
+    data = prepare_training_data(cfg, accelerator, progress and main)
+    if t.text_encoder_lr > 0:
+        text = TunedText(data.encoder, data.captions, t.text_encoder_lr, t.ema_decay, t.ema_warmup)
+    else:
+        text = FrozenText(data.encoder, data.captions, progress and main)
+    open_run_dir(run_dir, cfg, accelerator)
+    logger.info("run folder: %s (%d process(es), device %s)", run_dir, accelerator.num_processes, accelerator.device)
+    logger.info("mixed precision: %s (train.mixed_precision=%s: %s)", precision, t.mixed_precision, why)
+    logger.info("dataset: %d images, %d distinct captions from %s", len(data.dataset), len(set(data.captions)), data.train_dir)
+
+    # 3. Model, EMA, optimizer and learning-rate schedule; identical on every process.
+    set_seed(t.seed)
+    unet = build_unet(cfg, data.encoder.hidden_size)
+    logger.info("UNet: %.2fM parameters; %s", sum(p.numel() for p in unet.parameters()) / 1e6, text.describe())
+    ema = EMAModel(
+        unet.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup, power=3 / 4, model_cls=UNet, model_config=unet.config
+    )
+    optimizer = torch.optim.AdamW(
+        [{"params": list(unet.parameters())}, *text.parameter_groups()],
+        lr=t.learning_rate, betas=(0.9, t.adam_beta2), weight_decay=t.weight_decay,
+    )
+    lr_schedule = make_lr_schedule(optimizer, t)
+    unet, *text_modules, optimizer = accelerator.prepare(unet, *text.to_prepare(), optimizer)
+    text.prepared(tuple(text_modules), accelerator)
+    accelerator.register_for_checkpointing(lr_schedule, ema, *text.checkpointed)
+    ema.to(accelerator.device)
+    trained_models = (unet, *text.trained)
+    trained_parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    noise_scheduler = make_noise_scheduler(cfg.noise)
+    averaged = [(ema, accelerator.unwrap_model(unet)), *text.averages]  # the EMA weights of what is trained
+
+    # 4. Resume, or start from step 0 with a per-process noise stream.
+    step = 0
+    if resume is not None:
+        state = load_checkpoint(accelerator, run_dir, resume, cfg, data.encoder.hidden_size)
+        step = state["step"]
+        logger.info("resumed from %s at step %d", state["checkpoint"], step)
+    else:
+        torch.manual_seed(t.seed + 7919 * (accelerator.process_index + 1))
+    order = BatchOrder(len(data.dataset), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
+
+    def checkpoint() -> None:
+        state = {"step": step, "micro_step": micro_step, "context_dim": data.encoder.hidden_size}
+        save_checkpoint(accelerator, run_dir, cfg, state)
+
+    # 5. The loop: one optimizer update per `gradient_accumulation_steps` micro-batches.
+    micro_step = step * t.gradient_accumulation_steps
+    bar = TrainingProgress(step, t.max_steps, t.max_minutes, enabled=progress and main)
+    started, window = time.monotonic(), LogWindow()
+    with StopOnInterrupt() as interrupt:
+        while step < t.max_steps:
+            batch = data.dataset.batch(order.rows(micro_step))
+            images, caption_rows, grounding = batch_inputs(batch, text.states, data.token_objects, t, accelerator.device)
+            with accelerator.accumulate(*trained_models):
+                context, context_mask = text.states.lookup(caption_rows, accelerator.device)  # (B, T, D), (B, T)
+                terms = diffusion_loss(unet, noise_scheduler, images, context, context_mask, t.min_snr_gamma, grounding)
+                loss = terms.diffusion if terms.grounding is None else terms.diffusion + t.grounding_weight * terms.grounding
+                if not torch.isfinite(loss):
+                    raise diverged(loss, step, run_dir)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.grad_clip > 0:
+                    accelerator.clip_grad_norm_(trained_parameters, t.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+            window.add(len(images) * accelerator.num_processes, terms.diffusion.item(),
+                       None if terms.grounding is None else terms.grounding.item())
+            if not accelerator.sync_gradients:
+                continue
+            lr_schedule.step()
+            ema.step(unet.parameters())
+            text.ema_step()
+            step += 1
+            bar.update(step)
+
+            if step % t.log_every == 0 or step == t.max_steps:
+                scalars = window.scalars(lr_schedule.get_last_lr()[0])
+                accelerator.log(scalars, step=step)
+                bar.update(step, scalars["images_per_sec"], scalars["loss"])
+                logger.info(LogWindow.line(step, scalars))
+                window = LogWindow()
+            out_of_time = t.max_minutes > 0 and time.monotonic() - started > 60 * t.max_minutes
+            if out_of_time:
+                logger.info("train.max_minutes=%g reached at step %d", t.max_minutes, step)
+            if interrupt.requested(accelerator):
+                bar.close()
+                checkpoint()
+                logger.info(
+                    "stopped by Ctrl-C at step %d; checkpoint written. Continue with: python train.py --config %s "
+                    "--output-dir %s --resume latest", step, run_dir / "config.yaml", run_dir,
+                )
+                accelerator.end_training()
+                return run_dir
+            if step % t.checkpoint_every == 0 or step == t.max_steps or out_of_time:
+                checkpoint()
+            if main and t.validate_every > 0 and (step % t.validate_every == 0 or step == t.max_steps or out_of_time):
+                with ema_weights(averaged):
+                    validate(run_dir, step, averaged[0][1], data.encoder, noise_scheduler.config, t, accelerator)
+            if out_of_time:
+                break
+    bar.close()
+
+    # 6. Export the EMA weights with everything the sampler needs.
+    accelerator.wait_for_everyone()
+    checksums = torch.cat([parameter_checksum(model) for model in trained_models])  # (parameters,)
+    checksums = accelerator.gather(checksums[None]).cpu()  # (processes, parameters)
+    replicas_identical = bool((checksums == checksums[0]).all())
+    if not replicas_identical:
+        logger.warning("the %d processes ended with different weights", accelerator.num_processes)
+    if main:
+        info = {
+            "step": step, "text_encoder_source": data.encoder_source, "text_encoder_tuned": text.tuned,
+            "processes": accelerator.num_processes, "replicas_identical": replicas_identical,
+        }
+        with ema_weights(averaged):
+            export_dir = export_model(run_dir, cfg, averaged[0][1], data.encoder, noise_scheduler.config, info)
+        logger.info("exported the EMA model to %s; sample with: python sample.py --model %s --prompt ...", export_dir, run_dir)
+    accelerator.wait_for_everyone()  # every process tears the process group down together, after the export
+    accelerator.end_training()
+    return run_dir
+
+
+def make_lr_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig):
+    if t.lr_schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps)
+    return get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
+
+
+def batch_inputs(batch, states, token_objects, t: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor, Grounding | None]:
+    """Images (B, C, S, S), caption rows (B,) with some dropped to the null prompt (classifier-free
+    guidance learns it), and the grounding targets of the captions kept (None without grounding)."""
+    images, captions = batch.pixels.to(device), batch.captions
+    caption_rows = states.rows(captions)
+    dropped = torch.rand(len(captions)) < t.caption_dropout  # (B,)
+    caption_rows[dropped] = CaptionRows.NULL_ROW
+    if token_objects is None:
+        return images, caption_rows, None
+    conditioned = ["" if d else c for c, d in zip(captions, dropped.tolist())]  # a dropped caption grounds nothing
+    targets = token_objects(conditioned, batch.word_objects).to(device)  # (B, T)
+    return images, caption_rows, Grounding(targets, batch.masks.to(device), t.grounding_coverage)
+
+
+def diverged(loss: torch.Tensor, step: int, run_dir: Path) -> TrainingError:
+    last = list_checkpoints(run_dir / "checkpoints")
+    kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+    return TrainingError(
+        f"the loss became {loss.item()} at step {step}; training stopped and {kept}. "
+        "Lower train.learning_rate, or use mixed_precision: no."
+    )
+
+
+def parameter_checksum(model: torch.nn.Module) -> torch.Tensor:
+    """One float64 sum per parameter tensor: equal across processes iff (practically) the weights are."""
+    return torch.stack([p.detach().double().sum() for p in model.parameters()])

@@ -1,0 +1,86 @@
+"""The training objective: noise clean images with a diffusers scheduler and regress the target.
+
+The schedule lives here and in the sampler, never in the UNet.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+from diffusion.config import NoiseConfig
+from diffusion.training.grounding import GroundingLoss
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def make_noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
+    if cfg.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"noise.prediction_type must be one of {PREDICTION_TYPES}, got {cfg.prediction_type!r}")
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
+        timestep_spacing=cfg.timestep_spacing,
+        clip_sample=False,
+    )
+
+
+def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at each timestep: (B,)."""
+    alpha_bar = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
+    return alpha_bar / (1 - alpha_bar).clamp(min=1e-8)
+
+
+class Grounding(NamedTuple):
+    """What the grounding loss needs for a batch: object ids per token (B, T) and per pixel (B, S, S)."""
+
+    token_objects: torch.Tensor
+    masks: torch.Tensor
+    coverage: float = 0.0  # weight of the coverage term (diffusion.training.grounding)
+
+
+class LossTerms(NamedTuple):
+    diffusion: torch.Tensor  # scalar
+    grounding: torch.Tensor | None  # scalar, when grounding targets were given
+
+
+def diffusion_loss(
+    unet: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    images: torch.Tensor,
+    context: torch.Tensor,
+    context_mask: torch.Tensor,
+    min_snr_gamma: float = 0.0,
+    grounding: Grounding | None = None,
+) -> LossTerms:
+    """Mean squared error of the UNet's prediction on noised `images` (B, C, H, W) in [-1, 1];
+    with `grounding`, also the grounding loss of its cross-attention (diffusion.training.grounding)."""
+    b = images.shape[0]
+    # 1. A random timestep and Gaussian noise per image.
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=images.device)
+    noise = torch.randn_like(images)
+    # 2. Forward process: x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) noise.
+    noisy = scheduler.add_noise(images, noise, timesteps)
+    # 3. The regression target: the noise, or v = sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x_0.
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = scheduler.get_velocity(images, noise, timesteps)
+    recorder = None
+    if grounding is not None:
+        alpha_bar = scheduler.alphas_cumprod.to(images.device)[timesteps]  # (B,) the signal left in each image
+        recorder = GroundingLoss(grounding.token_objects, grounding.masks, weights=alpha_bar, coverage=grounding.coverage)
+    prediction = unet(noisy, timesteps, context, context_mask, recorder=recorder)
+    per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    # 4. Optional min-SNR-gamma weighting (Hang et al. 2023), expressed for the chosen target.
+    if min_snr_gamma > 0:
+        ratio = snr(scheduler, timesteps)
+        clipped = ratio.clamp(max=min_snr_gamma)
+        weight = clipped / ratio.clamp(min=1e-8) if scheduler.config.prediction_type == "epsilon" else clipped / (ratio + 1)
+        per_image = per_image * weight
+    return LossTerms(per_image.mean(), None if recorder is None else recorder.value())

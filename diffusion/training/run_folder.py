@@ -1,0 +1,82 @@
+"""The run folder: its name, its log, its config, its TensorBoard scalars.
+
+    outputs/runs/<name>/
+        config.yaml    the resolved config          train.log     the log
+        tensorboard/   loss, lr, img/s, grids       checkpoints/  checkpoint-NNNNNN/ (resumable)
+        validation/    step_NNNNNN.png + images and maps          model/        the exported model
+
+Nothing is written into it until the data and the text encoder are ready, so a failed start leaves
+no run in the way of the next attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from diffusion.config import Config, save_config
+from diffusion.training.setup import TrainingError
+
+logger = logging.getLogger("diffusion")
+
+
+def holds_run(folder: Path) -> bool:
+    return folder.is_dir() and any((folder / name).exists() for name in ("checkpoints", "model", "config.yaml"))
+
+
+def choose_run_dir(cfg: Config, output_dir: str | None, resume: str | None) -> Path:
+    """`--output-dir`, or outputs/runs/<name>[-N]: a new run never lands in a folder holding one."""
+    if output_dir is not None:
+        run_dir = Path(output_dir)
+        if resume is None and holds_run(run_dir):
+            raise TrainingError(
+                f"{run_dir} already holds a run. Continue it with --resume latest, or choose another --output-dir."
+            )
+        return run_dir
+    base = Path("outputs/runs") / cfg.name
+    if resume is not None:
+        return base
+    run_dir, n = base, 1
+    while holds_run(run_dir):
+        n += 1
+        run_dir = base.with_name(f"{cfg.name}-{n}")
+    return run_dir
+
+
+def shared_run_dir(cfg: Config, output_dir: str | None, resume: str | None, accelerator: Accelerator) -> Path:
+    """The run folder, chosen on the main process and shared (a numbered name must be the same everywhere)."""
+    if output_dir or resume:
+        return choose_run_dir(cfg, output_dir, resume)
+    shared = [choose_run_dir(cfg, None, None) if accelerator.is_main_process else None]
+    return Path(broadcast_object_list(shared)[0])
+
+
+def setup_logging(is_main: bool) -> None:
+    """Console logging on the main process (warnings only elsewhere); the run's train.log joins later."""
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    if is_main and not any(type(h) is logging.StreamHandler for h in logger.handlers):
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(console)
+
+
+def log_to_file(run_dir: Path) -> None:
+    for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+        logger.removeHandler(handler)  # a previous run in this process
+        handler.close()
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    logger.addHandler(handler)
+
+
+def open_run_dir(run_dir: Path, cfg: Config, accelerator: Accelerator) -> None:
+    """Create the run folder (main process): the log file, the resolved config, TensorBoard."""
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_to_file(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
+        accelerator.init_trackers(str(run_dir / "tensorboard"))
+    accelerator.wait_for_everyone()

@@ -1,0 +1,108 @@
+"""What a run settles before its first step: the checks that take seconds, the UNet a config builds,
+the mixed precision the hardware can run, and the data and text encoder, prepared once and cached."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+
+from diffusion.config import Config, ConfigError
+from diffusion.data.folder import CaptionedImageFolder, swap_left_right
+from diffusion.errors import UserError
+from diffusion.model.unet import UNet
+from diffusion.text.encoder import TextEncoder, TextEncoderLoadError, load_error_message
+from diffusion.training.grounding import TokenObjectTable
+from diffusion.training.prepare import TINY_CLIP, prepare_dataset, prepare_text_encoder
+
+
+class TrainingError(UserError, RuntimeError):
+    """Training cannot start or go on (a taken run folder, too little data, a diverged loss)."""
+
+
+def build_unet(cfg: Config, context_dim: int) -> UNet:
+    """The UNet described by a config; the text encoder fixes the width of its keys and values."""
+    try:
+        return UNet(sample_size=cfg.data.image_size, context_dim=context_dim, **asdict(cfg.unet))
+    except ValueError as error:  # e.g. an attention resolution this UNet does not have
+        raise ConfigError(str(error)) from None
+
+
+def text_width(cfg: Config) -> int:
+    """The text encoder's hidden size, read from its config without loading its weights."""
+    if cfg.text_encoder.name == TINY_CLIP:
+        return cfg.text_encoder.tiny_clip.text_width
+    from transformers import CLIPTextConfig
+
+    try:
+        return CLIPTextConfig.from_pretrained(cfg.text_encoder.name).hidden_size
+    except (OSError, ValueError) as error:
+        raise TextEncoderLoadError(load_error_message(cfg.text_encoder.name, error)) from error
+
+
+def dry_run_report(cfg: Config) -> str:
+    """The resolved config as YAML and the size of the UNet it describes."""
+    unet = build_unet(cfg, text_width(cfg))
+    params = sum(p.numel() for p in unet.parameters())
+    layers = ", ".join(f"{name} ({size}x{size})" for name, size in unet.cross_attention_layers.items())
+    return (
+        yaml.safe_dump(asdict(cfg), sort_keys=False)
+        + f"\nUNet parameters: {params:,} ({params / 1e6:.2f}M)\ncross-attention layers: {layers}"
+    )
+
+
+def check_can_start(cfg: Config) -> None:
+    """What can be checked in seconds, before minutes go into preparing data and a text encoder:
+    the dataset folder exists and the config builds a UNet."""
+    if cfg.data.dataset != "shapes" and not Path(cfg.data.dataset).is_dir():
+        prepare_dataset(cfg.data, Path(cfg.cache_dir))  # raises its DatasetError, which names the fix
+    build_unet(cfg, text_width(cfg))
+
+
+def resolve_precision(setting: str, on_gpu: bool) -> tuple[str, str]:
+    """train.mixed_precision -> (what accelerate gets, why). "auto" takes bf16 only where the hardware
+    computes it natively: emulated bf16 on a CPU without AVX-512 is many times slower than fp32."""
+    if setting != "auto":
+        return setting, "as configured"
+    if on_gpu:
+        return ("bf16", "the GPU supports bf16") if torch.cuda.is_bf16_supported() else ("fp16", "the GPU lacks bf16")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "bf16", f"this CPU ({capability}) computes bf16 natively"
+    return "no", f"this CPU ({capability}) has no native bf16, which would run many times slower than fp32"
+
+
+@dataclass
+class TrainingData:
+    """The images, their captions (with left/right-swapped twins under hflip) and the text encoder."""
+
+    dataset: CaptionedImageFolder
+    train_dir: Path
+    captions: list[str]
+    encoder: TextEncoder
+    encoder_source: str  # where the encoder was loaded from (the cached tiny CLIP, a Hub id, a folder)
+    token_objects: TokenObjectTable | None  # which object each caption token names, for grounding
+
+
+def prepare_training_data(cfg: Config, accelerator: Accelerator, progress: bool) -> TrainingData:
+    """Dataset and text encoder, prepared once on the main process and cached. The dataset is read
+    first, so a bad folder fails before minutes are spent training a tiny CLIP on it."""
+    cache_dir = Path(cfg.cache_dir)
+    with accelerator.main_process_first():
+        dataset_dirs = prepare_dataset(cfg.data, cache_dir, progress=progress)
+    grounded = cfg.train.grounding_weight > 0
+    dataset = CaptionedImageFolder(
+        dataset_dirs[0], cfg.data.image_size, cfg.data.caption_column, cfg.data.skip_bad_rows, cfg.data.hflip,
+        progress=progress, masks=grounded,
+    )
+    with accelerator.main_process_first():
+        source = prepare_text_encoder(cfg.text_encoder, cfg.data, cache_dir, progress=progress, dataset_dirs=dataset_dirs)
+    encoder = TextEncoder.from_pretrained(source).to(accelerator.device)
+    captions = list(dataset.captions)
+    if cfg.data.hflip:
+        captions += [swap_left_right(c) for c in dataset.captions]
+    token_objects = TokenObjectTable(encoder.tokenizer, encoder.max_length) if grounded else None
+    return TrainingData(dataset, dataset_dirs[0], captions, encoder, source, token_objects)

@@ -1,0 +1,41 @@
+"""Validation during training: the validation prompts sampled with the EMA weights, saved with their
+maps (validation/step_NNNNNN/), as one grid (validation/step_NNNNNN.png) and in TensorBoard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from accelerate import Accelerator
+from PIL import Image
+
+from diffusion.config import TrainConfig
+from diffusion.images import tile
+from diffusion.maps.aggregate import MapSettings
+from diffusion.model.unet import UNet
+from diffusion.sampling.generate import Job, generate
+from diffusion.sampling.pipeline import TextToImagePipeline
+from diffusion.sampling.schedulers import make_sampling_scheduler
+from diffusion.sampling.settings import SamplerSettings
+from diffusion.text.encoder import TextEncoder
+
+GRID_SCALE = 4  # validation grids are upscaled this many times (nearest neighbour) for viewing
+
+
+def validate(
+    run_dir: Path, step: int, unet: UNet, encoder: TextEncoder, noise_config: dict, t: TrainConfig, accelerator: Accelerator
+) -> None:
+    """Sample the validation prompts (seed 0) with the weights `unet` and `encoder` hold now."""
+    settings = SamplerSettings(steps=t.validation_steps, guidance=t.validation_guidance)
+    pipe = TextToImagePipeline(
+        unet, make_sampling_scheduler(settings.scheduler, noise_config), encoder.model, encoder.tokenizer
+    )
+    jobs = [Job(prompt, seed=0) for prompt in t.validation_prompts]
+    paths = generate(
+        pipe, jobs, run_dir / "validation" / f"step_{step:06d}", settings, batch_size=len(jobs), maps=MapSettings(),
+        extra_manifest={"training_step": step}, progress=False,
+    )
+    grid = tile([Image.open(p).convert("RGB") for p in paths], columns=len(paths))
+    grid = grid.resize((grid.width * GRID_SCALE, grid.height * GRID_SCALE), Image.NEAREST)
+    grid.save(run_dir / "validation" / f"step_{step:06d}.png")
+    accelerator.get_tracker("tensorboard").writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")

@@ -1,0 +1,5 @@
+import sys
+
+from diffusion.viewer.report import main
+
+sys.exit(main())

@@ -1,0 +1,202 @@
+"""The evaluation end to end on the tiny trained run (scores meaningless: the machinery is what is checked)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from diffusion.data.shapes import SceneObject, dataset_info, render_scene
+from diffusion.config import ShapesConfig
+from diffusion.evaluation.cli import main
+from diffusion.evaluation.detector import DetectorSettings, detect
+from diffusion.evaluation.fidelity import ImageRecord, evaluate_fidelity
+from diffusion.evaluation.localisation import score_map, score_uniform
+from diffusion.evaluation.prompts import Task, build_tasks, check
+from diffusion.evaluation.report import TILE_WIDTH, failure_grid
+
+TASKS = ["single_object", "colour", "shape", "two_objects", "colour_binding", "spatial", "size", "held_out"]
+
+
+def in_unit_interval(value):
+    return value is None or 0.0 <= value <= 1.0
+
+
+def two_object_scene(first, second, first_x):
+    """Two medium objects given as (shape, colour), the first at x = first_x, the second mirrored: (32, 32, 3)."""
+    objects = [SceneObject(*first, "medium", (first_x, 16.0), 6.0), SceneObject(*second, "medium", (32 - first_x, 16.0), 6.0)]
+    return render_scene(objects, 32)[0]
+
+
+@pytest.fixture(scope="module")
+def quick_eval(finished_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "tiny"
+    args = ["--model", str(finished_run), "--quick", "--seeds", "1", "--steps", "4", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    return out
+
+
+def test_files_tasks_and_baselines(quick_eval):
+    results = json.loads((quick_eval / "results.json").read_text())
+    assert {"model", "settings", "fidelity", "localisation", "per_image"} <= set(results)
+    fidelity = results["fidelity"]
+    assert fidelity["applies"] and list(fidelity["tasks"]) == TASKS
+    assert in_unit_interval(fidelity["overall"]) and "held_out" not in fidelity["overall_over"]
+    # The overall counts each distinct prompt set once: clause-only rows grade the same images again.
+    assert set(fidelity["overall_over"]) == {"single_object", "spatial", "size"}
+    assert fidelity["overall"] == pytest.approx(
+        sum(fidelity["tasks"][n]["score"] for n in fidelity["overall_over"]) / 3)
+    for task in fidelity["tasks"].values():
+        assert in_unit_interval(task["score"]) and task["images"] == sum(p["images"] for p in task["prompts"]) > 0
+    (section,) = results["localisation"]
+    assert section["threshold"] == 0.5 and section["thresholds"] == [0.3, 0.4, 0.5, 0.6, 0.7]
+    counts = section["counts"]
+    assert counts["objects"] == counts["scored"] + counts["object_not_found"] + counts["word_not_in_maps"]
+    assert set(section["table"]) == {"colour", "shape"}
+    for kinds in section["table"].values():  # n = 0 when the tiny model drew no recognisable object
+        assert set(kinds) == {"own", "own_two_objects", "swapped", "uniform"}
+        for summary in kinds.values():
+            assert in_unit_interval(summary["pointing"]) and all(in_unit_interval(v) for v in summary["miou"].values())
+    markdown = (quick_eval / "results.md").read_text()
+    assert "| **overall** |" in markdown and "baseline: uniform map" in markdown and "held_out" in markdown
+    images = sorted(p.name for p in (quick_eval / "samples").glob("*.png"))
+    assert len(images) == results["images"] == len(results["per_image"])
+    assert all((quick_eval / "samples" / n).with_suffix(".attn").joinpath("maps.npz").is_file() for n in images)
+    any_failed = any(not v["passed"] for image in results["per_image"] for v in image["verdicts"].values())
+    assert (quick_eval / "failures.png").is_file() == any_failed
+
+
+def test_rerun_reuses_samples_and_refuses_other_settings(finished_run, quick_eval, capsys):
+    args = ["--model", str(finished_run), "--quick", "--seeds", "1", "--out", str(quick_eval), "--no-progress"]
+    assert main([*args, "--steps", "4"]) == 0
+    assert "0 image(s) sampled" in capsys.readouterr().out
+    assert main([*args, "--steps", "5"]) == 2
+    assert "other settings" in capsys.readouterr().err
+    for other in (["--scheduler", "euler"], ["--layout-guidance", "1"]):
+        assert main([*args, "--steps", "4", *other]) == 2
+        assert "other settings" in capsys.readouterr().err
+    # An image made with the retired --guidance-rescale is never reused; a manifest that records it as 0 is.
+    manifest = next((quick_eval / "samples").glob("*.attn")) / "manifest.json"
+    original = manifest.read_text()
+    for rescale, status in ((0.0, 0), (0.7, 2)):
+        manifest.write_text(json.dumps({**json.loads(original), "guidance_rescale": rescale}))
+        assert main([*args, "--steps", "4"]) == status
+        assert ("other settings" in capsys.readouterr().err) == bool(status)
+    manifest.write_text(original)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--scheduler", "plms"], "unknown --scheduler 'plms'"),
+        (["--layout-guidance", "-0.5"], "--layout-guidance must be >= 0"),
+    ],
+)
+def test_bad_sampler_flags(finished_run, tmp_path, capsys, flags, message):
+    assert main(["--model", str(finished_run), "--out", str(tmp_path / "eval"), *flags]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "eval").exists()
+
+
+def test_localisation_scores():
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[2:4, 2:6] = True
+    perfect = score_map(mask.astype(np.float32) * 0.3, mask)
+    assert perfect["pointing"] == 1.0 and set(perfect["iou"].values()) == {1.0}
+    elsewhere = score_map(np.roll(mask, 4, axis=0).astype(np.float32), mask)
+    assert elsewhere["pointing"] == 0.0 and set(elsewhere["iou"].values()) == {0.0}
+    assert score_uniform(mask) == {"iou": {t: 8 / 64 for t in perfect["iou"]}, "pointing": 8 / 64, "coverage": 1.0}
+    assert perfect["coverage"] == 8 / 64
+
+
+def test_grading_on_rendered_scenes():
+    """The clauses on ground-truth renderings: the right scene passes, a wrong one fails for the right reason."""
+    info = dataset_info(ShapesConfig(num_train=0, num_test=0), num_test_held_out=0)
+    tasks = {t.name: t for t in build_tasks(info)}
+    prompt = tasks["spatial"].prompts[0]  # "a red circle left of a green square"
+    assert prompt.relation.relation == "left of"
+    a, b = prompt.objects
+    assert check(prompt, detect(two_object_scene((a.shape, a.colour), (b.shape, b.colour), 8.0)), "all").passed
+    verdict = check(prompt, detect(two_object_scene((a.shape, a.colour), (b.shape, b.colour), 24.0)), "all")
+    assert not verdict.passed and verdict.clause == "relation" and f"not {prompt.relation.relation}" in verdict.reason
+    image = two_object_scene((a.shape, b.colour), (b.shape, a.colour), 8.0)  # colours swapped between the shapes
+    assert check(prompt, detect(image), "shapes").passed and not check(prompt, detect(image), "binding").passed
+    held = tasks["held_out"].prompts
+    assert {"a red triangle", "a blue star"} <= {p.text for p in held}
+    assert all(p.held_out for p in held) and not any(p.held_out for t in TASKS[:-1] for p in tasks[t].prompts)
+
+
+def test_fidelity_and_failure_grid_on_rendered_scenes(tmp_path):
+    """ImageRecords of two renderings of one spatial prompt, one right and one with the relation reversed."""
+    info = dataset_info(ShapesConfig(num_train=0, num_test=0), num_test_held_out=0)
+    palette = {c: tuple(v) for c, v in info["palette"].items()}
+    spatial = next(t for t in build_tasks(info) if t.name == "spatial")
+    prompt = spatial.prompts[0]  # "a red circle left of a green square"
+    a, b = prompt.objects
+    records = []
+    for seed, first_x in enumerate((8.0, 24.0)):
+        path = tmp_path / f"seed{seed}.png"
+        Image.fromarray(two_object_scene((a.shape, a.colour), (b.shape, b.colour), first_x)).save(path)
+        records.append(ImageRecord.detect(prompt, seed, path, palette, DetectorSettings()))
+    assert all(sorted(r.located) == [0, 1] for r in records)
+    fidelity = evaluate_fidelity([Task("spatial", spatial.description, spatial.aspect, [prompt])], records)
+    task = fidelity["tasks"]["spatial"]
+    assert task["score"] == fidelity["overall"] == 0.5 and task["failed_on"] == {"count": 0, "object": 0, "relation": 1}
+    assert not records[0].failed and records[1].failed
+    assert f"not {prompt.relation.relation}" in records[1].verdicts["spatial"]["reason"]
+    assert records[1].to_dict(tmp_path)["image"] == "seed1.png"
+
+    grid = tmp_path / "failures.png"
+    assert failure_grid(records, grid) == 1 and Image.open(grid).width == TILE_WIDTH
+    records[1].verdicts.clear()  # nothing failed: no grid, and the old one goes
+    assert failure_grid(records, grid) == 0 and not grid.exists()
+
+
+@pytest.fixture
+def user_data_model(finished_run, tmp_path):
+    """The tiny model, exported as if trained on a user's own image folder."""
+    model = tmp_path / "mine" / "model"
+    shutil.copytree(finished_run / "model", model)
+    config = yaml.safe_load((model / "config.yaml").read_text())
+    config["data"]["dataset"] = str(tmp_path / "my_images")
+    (model / "config.yaml").write_text(yaml.safe_dump(config))
+    return model.parent
+
+
+def test_user_data_needs_masks(user_data_model, tmp_path, capsys):
+    assert main(["--model", str(user_data_model), "--out", str(tmp_path / "eval"), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "shapes domain only" in error and "--masks" in error
+
+
+def test_user_data_localisation_from_masks(user_data_model, tmp_path, capsys):
+    mask = np.zeros((16, 16), dtype=np.uint8)
+    mask[4:10, 4:10] = 255
+    Image.fromarray(mask).save(tmp_path / "cat.png")
+    Image.fromarray(255 - mask).save(tmp_path / "mat.png")
+    rows = [
+        {"prompt": "a cat on a mat", "seed": 0, "masks": {"cat": "cat.png", "mat": "mat.png"}},
+        {"prompt": "a cat", "seed": 1, "masks": {"cat": "cat.png", "dog": "cat.png"}},  # dog: not in the prompt
+    ]
+    (tmp_path / "masks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval"
+    args = ["--model", str(user_data_model), "--masks", str(tmp_path / "masks.jsonl"), "--steps", "3", "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 0
+    assert "'dog' is not a word" in capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert not results["fidelity"]["applies"] and "shapes domain only" in results["fidelity"]["message"]
+    (section,) = results["localisation"]
+    assert section["counts"]["scored"] == 3 and section["counts"]["word_not_in_prompt"] == 1
+    table = section["table"]["word"]
+    assert table["own"]["n"] == 3 and table["swapped"]["n"] == 2
+    assert table["uniform"]["pointing"] == pytest.approx(np.mean([36 / 256, 220 / 256, 36 / 256]))
+    assert all(in_unit_interval(s["pointing"]) for s in table.values())
+    assert "shapes domain only" in (out / "results.md").read_text()
+
+
+def test_bad_masks_file_is_a_clear_error(user_data_model, tmp_path, capsys):
+    (tmp_path / "masks.jsonl").write_text('{"prompt": "a cat", "seed": 0, "masks": {"cat": "missing.png"}}\n')
+    args = ["--model", str(user_data_model), "--masks", str(tmp_path / "masks.jsonl"), "--out", str(tmp_path / "e")]
+    assert main(args) == 2
+    assert "line 1" in capsys.readouterr().err

@@ -1,0 +1,130 @@
+"""The grounding loss: token -> object targets, the loss itself, and that training lowers it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusion.training.grounding import GroundingLoss, token_objects
+from diffusion.training.objective import Grounding, diffusion_loss, make_noise_scheduler
+from diffusion.text.tokenizer import train_clip_tokenizer
+from diffusion.training.setup import build_unet
+from conftest import tiny_config
+
+CAPTION = "a small green star left of a large blue square"
+WORD_OBJECTS = [0, 1, 1, 1, 0, 0, 0, 2, 2, 2]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    captions = [CAPTION, "a red circle above a purple triangle", "an orange circle"] * 4
+    return train_clip_tokenizer(captions, tmp_path_factory.mktemp("tok"), 600, 24)
+
+
+def test_token_objects_follow_the_words(tokenizer):
+    targets = token_objects(tokenizer, CAPTION, WORD_OBJECTS, max_length=24)
+    assert targets.shape == (24,)
+    # <start> a small green star left of a large blue square <end> + padding
+    assert targets[:12].tolist() == [0, 0, 1, 1, 1, 0, 0, 0, 2, 2, 2, 0]
+    assert targets[12:].eq(0).all()
+
+
+def test_a_word_of_several_tokens_grounds_them_all(tokenizer):
+    caption = "a zebra circle"  # "zebra" is unseen, so it splits into several tokens
+    targets = token_objects(tokenizer, caption, [0, 1, 1], max_length=24)
+    pieces = len(tokenizer.tokenize("zebra"))
+    assert pieces > 1
+    assert targets[2 : 2 + pieces + 1].eq(1).all() and targets.eq(1).sum() == pieces + 1
+
+
+def two_object_masks(size: int = 16) -> torch.Tensor:
+    masks = torch.zeros(1, size, size, dtype=torch.uint8)
+    masks[0, 2:6, 2:6] = 1  # object 1: a 4x4 square
+    masks[0, 8:16, 8:16] = 2  # object 2: an 8x8 square
+    return masks
+
+
+def test_loss_is_zero_on_the_object_and_the_shortfall_elsewhere():
+    masks = two_object_masks()
+    targets = torch.tensor([[0, 1, 2, 0]])  # (B, T): token 1 names object 1, token 2 object 2
+    on_objects = torch.zeros(1, 2, 256, 4)  # (B, heads, HW, T)
+    on_objects[..., 0] = 1.0  # token 0 (no object) takes every pixel ...
+    flat = masks.flatten(1)[0]
+    on_objects[0, :, flat == 1] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # ... except object 1's, which token 1 takes
+    on_objects[0, :, flat == 2] = torch.tensor([0.0, 0.0, 1.0, 0.0])
+    loss = GroundingLoss(targets, masks, weights=torch.ones(1))
+    loss("layer", on_objects)
+    assert loss.value().item() == pytest.approx(0.0, abs=1e-6)
+
+    uniform = torch.full((1, 2, 256, 4), 0.25)
+    loss = GroundingLoss(targets, masks, weights=torch.ones(1))
+    loss("layer", uniform)
+    areas = torch.tensor([16 / 256, 64 / 256])
+    assert loss.value().item() == pytest.approx(((1 - areas) ** 2).mean().item(), rel=1e-5)
+
+    noise_only = GroundingLoss(targets, masks, weights=torch.zeros(1))  # alpha_bar = 0: nothing to locate
+    noise_only("layer", uniform)
+    assert noise_only.value().item() == 0.0
+
+
+def test_loss_pools_masks_to_each_layer_and_averages_layers():
+    masks = two_object_masks()
+    targets = torch.tensor([[0, 1, 2, 0]])
+    loss = GroundingLoss(targets, masks, weights=torch.ones(1))
+    loss("fine", torch.full((1, 1, 256, 4), 0.25))  # 16 x 16
+    loss("coarse", torch.full((1, 1, 64, 4), 0.25))  # 8 x 8: masks area-pooled, same object areas
+    assert set(loss.per_layer) == {"fine", "coarse"}
+    assert loss.per_layer["fine"].item() == pytest.approx(loss.per_layer["coarse"].item(), rel=1e-5)
+
+
+def two_object_batch(cache_dir, batch):
+    """A tiny UNet, its noise schedule, and `batch` copies of two white objects on black with their
+    masks (B, 16, 16) and random text states (B, 4, 8) whose tokens 1 and 2 name objects 1 and 2."""
+    cfg = tiny_config(cache_dir)
+    torch.manual_seed(0)
+    unet = build_unet(cfg, context_dim=8)
+    masks = two_object_masks().expand(batch, -1, -1).clone()  # (B, 16, 16)
+    images = torch.where(masks[:, None] > 0, 1.0, -1.0).expand(-1, 3, -1, -1).clone()  # objects white on black
+    context, context_mask = torch.randn(batch, 4, 8), torch.ones(batch, 4, dtype=torch.bool)
+    token_ids = torch.tensor([[0, 1, 2, 0]] * batch)
+    return unet, make_noise_scheduler(cfg.noise), images, masks, context, context_mask, token_ids
+
+
+def test_training_on_the_grounding_loss_moves_attention_onto_the_objects(cache_dir):
+    unet, scheduler, images, masks, context, context_mask, token_ids = two_object_batch(cache_dir, 4)
+    grounding = Grounding(token_ids, masks)
+
+    def fixed_terms():
+        torch.manual_seed(123)  # the same timesteps and noise every time
+        return diffusion_loss(unet, scheduler, images, context, context_mask, grounding=grounding)
+
+    optimizer = torch.optim.Adam(unet.parameters(), lr=3e-3)
+    before = fixed_terms().grounding.item()
+    for _ in range(20):
+        optimizer.zero_grad()
+        terms = fixed_terms()
+        (terms.diffusion + terms.grounding).backward()
+        optimizer.step()
+    assert fixed_terms().grounding.item() < 0.7 * before
+
+
+def test_coverage_term_asks_for_the_whole_object_not_one_pixel():
+    masks = two_object_masks()
+    targets = torch.tensor([[0, 1, 0]])  # token 1 names object 1 (16 pixels)
+    flat = masks.flatten(1)[0]
+    one_pixel = torch.zeros(1, 1, 256, 3)
+    one_pixel[..., 0] = 1.0
+    first = (flat == 1).nonzero()[0, 0]
+    one_pixel[0, 0, first] = torch.tensor([0.0, 1.0, 0.0])  # token 1 takes one pixel of its object
+    whole = torch.zeros(1, 1, 256, 3)
+    whole[..., 0] = 1.0
+    whole[0, 0, flat == 1] = torch.tensor([0.0, 1.0, 0.0])  # token 1 takes every pixel of its object
+
+    def loss(probs, coverage):
+        recorder = GroundingLoss(targets, masks, weights=torch.ones(1), coverage=coverage)
+        recorder("layer", probs)
+        return recorder.value().item()
+
+    assert loss(one_pixel, 0.0) == pytest.approx(0.0, abs=1e-6)  # all of its attention is inside ...
+    assert loss(one_pixel, 1.0) == pytest.approx(15 / 16, rel=1e-5)  # ... but 15 of 16 pixels lack it
+    assert loss(whole, 1.0) == pytest.approx(0.0, abs=1e-6)

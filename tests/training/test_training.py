@@ -1,0 +1,233 @@
+"""Training on the tiny preset: the loop, checkpoints, resume, several processes, and the errors."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from diffusion.training.checkpoints import CheckpointError, list_checkpoints
+from diffusion.config import ConfigError, load_config
+from diffusion.training.objective import diffusion_loss, make_noise_scheduler
+from diffusion.training.loop import train
+from diffusion.training.setup import TrainingError, build_unet, resolve_precision
+
+from conftest import ROOT, TINY, exported_weights, tiny_config
+
+
+def test_run_folder_holds_everything(finished_run):
+    run = finished_run
+    assert (run / "config.yaml").is_file() and (run / "train.log").is_file()
+    log = (run / "train.log").read_text()
+    assert re.search(r"step 40 loss \d\.\d+ .* grounding \d\.\d+", log)  # tiny.yaml trains with the grounding loss
+    assert re.search(r"mixed precision: (bf16|no) \(train.mixed_precision=auto: this CPU", log)  # the choice is said
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    steps = [step for step, _ in list_checkpoints(run / "checkpoints")]
+    assert steps == [20, 40]  # every 20 steps, the last 2 kept
+    assert not list((run / "checkpoints").glob(".*"))  # no staging folders left behind
+    assert (run / "validation" / "step_000040.png").is_file()  # the grid, and each prompt's image and maps:
+    assert (run / "validation" / "step_000040" / "a-red-circle_seed0.attn" / "manifest.json").is_file()
+    for part in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+                 "tokenizer/tokenizer_config.json", "config.yaml"):
+        assert (run / "model" / part).is_file(), part
+    info = json.loads((run / "model" / "training_info.json").read_text())
+    assert info["step"] == 40
+
+
+def test_same_seed_same_training(cache_dir, finished_run, tmp_path):
+    again = tmp_path / "again"
+    train(tiny_config(cache_dir), output_dir=str(again), progress=False)
+    first, second = exported_weights(finished_run), exported_weights(again)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_resume_continues_exactly(finished_run, tmp_path):
+    # Pretend the run was killed just after its step-20 checkpoint, then resume it.
+    killed = tmp_path / "killed"
+    shutil.copytree(finished_run, killed)
+    shutil.rmtree(killed / "checkpoints" / "checkpoint-000040")
+    shutil.rmtree(killed / "model")
+    cfg = load_config(killed / "config.yaml")
+    train(cfg, output_dir=str(killed), resume="latest", progress=False)
+    uninterrupted, resumed = exported_weights(finished_run), exported_weights(killed)
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
+    # The tuned text tower (and its EMA) continues exactly too.
+    tower, resumed_tower = (text_tower_weights(run / "model" / "text_encoder") for run in (finished_run, killed))
+    assert all(torch.equal(tower[k], resumed_tower[k]) for k in tower)
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(cache_dir):
+    cfg = tiny_config(cache_dir)
+    torch.manual_seed(0)
+    unet = build_unet(cfg, context_dim=8)
+    scheduler = make_noise_scheduler(cfg.noise)
+    images = torch.rand(8, 3, 16, 16) * 2 - 1
+    context, mask = torch.randn(8, 5, 8), torch.ones(8, 5, dtype=torch.bool)
+
+    def fixed_loss():
+        torch.manual_seed(123)  # the same timesteps and noise every time
+        return diffusion_loss(unet, scheduler, images, context, mask).diffusion
+
+    optimizer = torch.optim.Adam(unet.parameters(), lr=2e-3)
+    before = fixed_loss().item()
+    for _ in range(15):
+        optimizer.zero_grad()
+        fixed_loss().backward()
+        optimizer.step()
+    assert fixed_loss().item() < 0.7 * before
+
+
+def test_auto_precision_takes_bf16_only_where_the_hardware_computes_it():
+    assert resolve_precision("no", on_gpu=False) == ("no", "as configured")
+    assert resolve_precision("bf16", on_gpu=False) == ("bf16", "as configured")  # a forced choice is kept
+    chosen, reason = resolve_precision("auto", on_gpu=False)
+    assert chosen in ("bf16", "no") and torch.backends.cpu.get_cpu_capability() in reason
+    assert chosen == "no" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_taken_run_folder_and_missing_checkpoint(cache_dir, finished_run, tmp_path):
+    with pytest.raises(TrainingError, match="already holds a run.*--resume latest"):
+        train(tiny_config(cache_dir), output_dir=str(finished_run), progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
+        train(tiny_config(cache_dir), output_dir=str(empty), resume="latest", progress=False)
+
+
+def test_bad_attention_resolution_is_a_config_error_before_any_preparation(tmp_path):
+    cfg = tiny_config(tmp_path / "cache", "unet.cross_attention_resolutions=[4]")
+    with pytest.raises(ConfigError, match=r"asks for \[4\].*choose from \[16, 8\]"):
+        train(cfg, output_dir=str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(cache_dir, tmp_path):
+    cfg = tiny_config(cache_dir, "train.learning_rate=1e30", "train.warmup_steps=0", "train.grad_clip=0.0",
+                      "train.checkpoint_every=1", "train.validate_every=0")
+    run = tmp_path / "diverged"
+    with pytest.raises(TrainingError, match="the loss became .* the last good checkpoint is"):
+        train(cfg, output_dir=str(run), progress=False)
+    assert list_checkpoints(run / "checkpoints")
+    assert not (run / "model").exists()
+
+
+def test_cli_reports_user_errors_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", str(TINY), "train.batch_sise=3"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert "unknown key(s) batch_sise" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_grounding_on_data_without_masks_is_a_clear_error(tmp_path):
+    folder = tmp_path / "user"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(folder / f"{i}.png")
+    (folder / "metadata.jsonl").write_text("".join(f'{{"file_name": "{i}.png", "text": "a red thing"}}\n' for i in range(4)))
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", str(TINY), "--output-dir", str(tmp_path / "run"),
+         f"data.dataset={folder}", f"cache_dir={tmp_path / 'cache'}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "mask_file" in result.stderr and "train.grounding_weight: 0" in result.stderr
+    assert not (tmp_path / "cache" / "text_encoders").exists()  # failed before training a tiny CLIP on it
+    assert not (tmp_path / "run").exists()  # a failed start leaves nothing in the way of the next one
+
+
+def test_dry_run_prints_config_and_size(cache_dir):
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", str(TINY), "--dry-run", f"cache_dir={cache_dir}"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "UNet parameters:" in result.stdout and "learning_rate: 0.002" in result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_keep_identical_replicas_of_unet_and_tuned_text_tower(cache_dir, tmp_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+         "--dynamo_backend", "no", "train.py",
+         "--config", str(TINY), "--output-dir", str(run), "--no-progress", f"cache_dir={cache_dir}",
+         "train.max_steps=10", "train.batch_size=8", "train.validate_every=0", "train.text_encoder_lr=1e-3"],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((run / "model" / "training_info.json").read_text())
+    assert info["processes"] == 2 and info["replicas_identical"] is True  # the UNet and the tuned text tower
+    assert info["text_encoder_tuned"] is True
+
+
+def test_resume_with_a_different_text_encoder_or_model_is_a_clear_error(cache_dir, finished_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    wider = tiny_config(cache_dir, "text_encoder.tiny_clip.text_width=64", "text_encoder.tiny_clip.steps=2")
+    with pytest.raises(CheckpointError, match="trained with text states of width 32.*gives width 64.*checkpoint's own config"):
+        train(wider, output_dir=str(copy), resume="latest", progress=False)
+    deeper = tiny_config(cache_dir, "unet.num_res_blocks=2")
+    with pytest.raises(CheckpointError, match="does not fit the model this config builds"):
+        train(deeper, output_dir=str(copy), resume="latest", progress=False)
+
+
+def test_gradient_accumulation_updates_once_per_window(cache_dir, tmp_path):
+    cfg = tiny_config(cache_dir, "train.gradient_accumulation_steps=2", "train.max_steps=4",
+                      "train.checkpoint_every=4", "train.validate_every=0")
+    run = tmp_path / "accumulated"
+    train(cfg, output_dir=str(run), progress=False)
+    checkpoint = run / "checkpoints" / "checkpoint-000004"
+    assert [step for step, _ in list_checkpoints(run / "checkpoints")] == [4]
+    optimizer_state = torch.load(checkpoint / "optimizer.bin", weights_only=False)["state"]
+    assert int(optimizer_state[0]["step"]) == 4  # 4 optimizer updates ...
+    assert json.loads((checkpoint / "training_state.json").read_text())["micro_step"] == 8  # ... from 8 batches
+
+
+def text_tower_weights(folder) -> dict[str, torch.Tensor]:
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel.from_pretrained(folder).state_dict()
+
+
+def test_text_encoder_is_tuned_by_default_and_frozen_on_request(cache_dir, finished_run, tmp_path):
+    info = json.loads((finished_run / "model" / "training_info.json").read_text())
+    source = text_tower_weights(info["text_encoder_source"])  # the cached tiny CLIP
+    tuned = text_tower_weights(finished_run / "model" / "text_encoder")
+    assert info["text_encoder_tuned"] is True and not all(torch.equal(source[k], tuned[k]) for k in source)
+
+    cfg = tiny_config(cache_dir, "train.text_encoder_lr=0", "train.max_steps=10", "train.checkpoint_every=10",
+                      "train.validate_every=0")
+    run = tmp_path / "frozen"
+    train(cfg, output_dir=str(run), progress=False)
+    info = json.loads((run / "model" / "training_info.json").read_text())
+    frozen = text_tower_weights(run / "model" / "text_encoder")
+    assert info["text_encoder_tuned"] is False and all(torch.equal(source[k], frozen[k]) for k in source)
+    # Tuning trains a copy: the cached tiny CLIP that both runs loaded is what the frozen run exported.
+
+
+def test_tuned_text_tower_keeps_learning_after_a_validation(cache_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(cache_dir, "train.max_steps=10", "train.checkpoint_every=5", "train.validate_every=5",
+                      "train.keep_checkpoints=0")
+    run = tmp_path / "tuned-validated"
+    train(cfg, output_dir=str(run), progress=False)
+    assert (run / "validation" / "step_000005.png").is_file()
+    # Checkpoints hold the raw (not EMA) weights; model_1 is the text tower, prepared after the UNet.
+    at_5, at_10 = (load_file(run / "checkpoints" / f"checkpoint-{s:06d}" / "model_1.safetensors") for s in (5, 10))
+    assert not all(torch.equal(at_5[k], at_10[k]) for k in at_5)
