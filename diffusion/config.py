@@ -100,7 +100,9 @@ class TrainConfig:
     adam_beta2: float = ranged(0.99, ge=0, lt=1)
     grad_clip: float = ranged(1.0, ge=0, note="0: no clipping")
     gradient_accumulation_steps: int = ranged(1, ge=1)
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (fp16 on a GPU only)
+    # "auto": bf16 where the hardware computes it natively (a CPU with AVX-512/AMX, a GPU that supports it;
+    # fp16 on an older GPU), else fp32. "no" (fp32), "bf16" or "fp16" (on a GPU only) force one.
+    mixed_precision: str = "auto"
     caption_dropout: float = ranged(0.1, ge=0, lt=1)
     min_snr_gamma: float = ranged(0.0, ge=0, note="0: off")  # 0 turns min-SNR weighting off; 5 is the paper's value
     # Weight of the grounding loss (diffusion.grounding): each caption word's cross-attention kept on the
@@ -261,7 +263,7 @@ def check_ranges(section: Any, where: str) -> None:
 def validate_config(cfg: Config) -> None:
     """Checks across fields, so a bad config fails at load time with the field's name."""
     check_ranges(cfg, "")
-    _choose("train.mixed_precision", cfg.train.mixed_precision, ("no", "bf16", "fp16"))
+    _choose("train.mixed_precision", cfg.train.mixed_precision, ("auto", "no", "bf16", "fp16"))
     _choose("train.lr_schedule", cfg.train.lr_schedule, ("cosine", "constant"))
     _choose("noise.prediction_type", cfg.noise.prediction_type, ("epsilon", "v_prediction"))
     u = cfg.unet

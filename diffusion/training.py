@@ -131,6 +131,19 @@ def log_to_file(run_dir: Path) -> None:
     logger.addHandler(handler)
 
 
+def resolve_precision(setting: str, on_gpu: bool) -> tuple[str, str]:
+    """train.mixed_precision -> (what accelerate gets, why). "auto" takes bf16 only where the hardware
+    computes it natively: emulated bf16 on a CPU without AVX-512 is many times slower than fp32."""
+    if setting != "auto":
+        return setting, "as configured"
+    if on_gpu:
+        return ("bf16", "the GPU supports bf16") if torch.cuda.is_bf16_supported() else ("fp16", "the GPU lacks bf16")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "bf16", f"this CPU ({capability}) computes bf16 natively"
+    return "no", f"this CPU ({capability}) has no native bf16, which would run many times slower than fp32"
+
+
 def check_can_start(cfg: Config) -> None:
     """What can be checked in seconds, before minutes go into preparing data and a text encoder:
     the dataset folder exists and the config builds a UNet."""
@@ -211,11 +224,12 @@ def train(
     t = cfg.train
     # 1. Checks, accelerator, the run folder's name (decided on the main process and shared).
     check_can_start(cfg)
+    precision, precision_reason = resolve_precision(t.mixed_precision, torch.cuda.is_available())
     accelerator = Accelerator(
         # Several processes without a GPU (torchrun, or `accelerate launch --multi_gpu`) train on
         # the CPU over gloo; accelerate only picks that backend when told the device is the CPU.
         cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available(),
-        mixed_precision=t.mixed_precision,
+        mixed_precision=precision,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir="."),
@@ -261,6 +275,7 @@ def train(
         accelerator.init_trackers(str(run_dir / "tensorboard"))
     accelerator.wait_for_everyone()
     logger.info("run folder: %s (%d process(es), device %s)", run_dir, accelerator.num_processes, accelerator.device)
+    logger.info("mixed precision: %s (train.mixed_precision=%s: %s)", precision, t.mixed_precision, precision_reason)
     logger.info("dataset: %d images, %d distinct captions from %s", len(dataset), len(set(captions)), train_dir)
 
     # 3. Model, EMA, optimizer and learning-rate schedule; identical on every process.

@@ -43,7 +43,7 @@ def test_wrong_type_names_the_field():
 
 
 def test_cross_field_checks():
-    with pytest.raises(ConfigError, match="train.mixed_precision must be one of no, bf16, fp16"):
+    with pytest.raises(ConfigError, match="train.mixed_precision must be one of auto, no, bf16, fp16"):
         load_config(None, ["train.mixed_precision=fp8"])
     with pytest.raises(ConfigError, match="shapes.colours"):
         load_config(None, ["data.shapes.colours=[mauve]"])

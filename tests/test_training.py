@@ -15,7 +15,7 @@ from PIL import Image
 from diffusion.checkpoints import CheckpointError, list_checkpoints
 from diffusion.config import ConfigError, load_config
 from diffusion.objective import diffusion_loss, make_noise_scheduler
-from diffusion.training import TrainingError, build_unet, train
+from diffusion.training import TrainingError, build_unet, resolve_precision, train
 
 from conftest import ROOT, TINY, exported_weights, tiny_config
 
@@ -25,6 +25,7 @@ def test_run_folder_holds_everything(finished_run):
     assert (run / "config.yaml").is_file() and (run / "train.log").is_file()
     log = (run / "train.log").read_text()
     assert re.search(r"step 40 loss \d\.\d+ .* grounding \d\.\d+", log)  # tiny.yaml trains with the grounding loss
+    assert re.search(r"mixed precision: (bf16|no) \(train.mixed_precision=auto: this CPU", log)  # the choice is said
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     steps = [step for step, _ in list_checkpoints(run / "checkpoints")]
     assert steps == [20, 40]  # every 20 steps, the last 2 kept
@@ -76,6 +77,14 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(cache_dir):
         fixed_loss().backward()
         optimizer.step()
     assert fixed_loss().item() < 0.7 * before
+
+
+def test_auto_precision_takes_bf16_only_where_the_hardware_computes_it():
+    assert resolve_precision("no", on_gpu=False) == ("no", "as configured")
+    assert resolve_precision("bf16", on_gpu=False) == ("bf16", "as configured")  # a forced choice is kept
+    chosen, reason = resolve_precision("auto", on_gpu=False)
+    assert chosen in ("bf16", "no") and torch.backends.cpu.get_cpu_capability() in reason
+    assert chosen == "no" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def test_taken_run_folder_and_missing_checkpoint(cache_dir, finished_run, tmp_path):
