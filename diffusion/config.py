@@ -314,7 +314,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         values = loaded or {}
-    values = drop_retired(apply_overrides(values, overrides or []), str(path or "config"))
+    drop_retired(values, str(path))
+    values = drop_retired(apply_overrides(values, overrides or []), "override")
     config = from_dict(Config, values)
     validate_config(config)
     return config

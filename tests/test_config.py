@@ -73,3 +73,12 @@ def test_saved_config_reloads_identically(tmp_path):
 def test_out_of_range_fields_are_refused_at_load(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [override])
+
+
+def test_removed_options_load_when_off_and_are_named_when_on(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("unet:\n  position_embedding: false\ntrain:\n  grounding_pure_noise_weight: 0.0\n")
+    assert load_config(old, ["unet.text_refiner_layers=0"]) == load_config(None)  # an old run's config, switched off
+    old.write_text("train:\n  grounding_pure_noise_weight: 1.0\n")
+    with pytest.raises(ConfigError, match=r"old\.yaml: train\.grounding_pure_noise_weight was removed"):
+        load_config(old)

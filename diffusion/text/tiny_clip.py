@@ -260,7 +260,9 @@ def train_tiny_clip(
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train the tiny CLIP text encoder on a captioned image folder.")
+    parser = argparse.ArgumentParser(
+        prog="python -m diffusion.text.tiny_clip", description="Train the tiny CLIP text encoder on a captioned image folder."
+    )
     parser.add_argument("--data", required=True, help="dataset root with train/ (and test/) imagefolder splits")
     parser.add_argument("--out", required=True, help="folder to save the CLIP model and tokenizer to")
     defaults = TinyClipConfig()

@@ -144,7 +144,9 @@ def build_report(folder: str | Path, out: str | Path | None = None, smooth: bool
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m diffusion.viewer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("folder", help="a samples folder (sample.py --out), a run folder, or its validation/")
     parser.add_argument("--out", help=f"where to write the page (default FOLDER/{REPORT_NAME})")
     parser.add_argument("--smooth", action="store_true", help="start with smooth upscaling instead of exact pixels")
