@@ -117,6 +117,21 @@ class Batch:
     word_objects: list[list[int]] | None = None  # per caption word, the object id it names (0: none)
 
 
+def has_grounding(root: str | Path) -> bool:
+    """Whether any row of root/metadata.jsonl names a mask and its word_objects (the grounding columns)."""
+    path = Path(root) / METADATA_FILE
+    if not path.is_file():
+        return False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # CaptionedImageFolder names bad rows when it reads them
+        if isinstance(row, dict) and "mask_file" in row and "word_objects" in row:
+            return True
+    return False
+
+
 class CaptionedImageFolder(Dataset):
     """Images and captions from `root/metadata.jsonl`, decoded once into memory.
 

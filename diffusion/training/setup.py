@@ -11,7 +11,7 @@ import yaml
 from accelerate import Accelerator
 
 from diffusion.config import Config, ConfigError
-from diffusion.data.folder import CaptionedImageFolder, swap_left_right
+from diffusion.data.folder import CaptionedImageFolder, has_grounding, swap_left_right
 from diffusion.errors import UserError
 from diffusion.model.unet import UNet
 from diffusion.text.encoder import TextEncoder, TextEncoderLoadError, load_error_message
@@ -85,15 +85,17 @@ class TrainingData:
     encoder: TextEncoder
     encoder_source: str  # where the encoder was loaded from (the cached tiny CLIP, a Hub id, a folder)
     token_objects: TokenObjectTable | None  # which object each caption token names, for grounding
+    grounded: bool  # the grounding loss is on: asked for, and the dataset has masks and word_objects
 
 
 def prepare_training_data(cfg: Config, accelerator: Accelerator, progress: bool) -> TrainingData:
     """Dataset and text encoder, prepared once on the main process and cached. The dataset is read
-    first, so a bad folder fails before minutes are spent training a tiny CLIP on it."""
+    first, so a bad folder fails before minutes are spent training a tiny CLIP on it. The grounding
+    loss needs masks: a folder whose rows name none trains without it (the loop says so)."""
     cache_dir = Path(cfg.cache_dir)
     with accelerator.main_process_first():
         dataset_dirs = prepare_dataset(cfg.data, cache_dir, progress=progress)
-    grounded = cfg.train.grounding_weight > 0
+    grounded = cfg.train.grounding_weight > 0 and has_grounding(dataset_dirs[0])
     dataset = CaptionedImageFolder(
         dataset_dirs[0], cfg.data.image_size, cfg.data.caption_column, cfg.data.skip_bad_rows, cfg.data.hflip,
         progress=progress, masks=grounded,
@@ -105,4 +107,4 @@ def prepare_training_data(cfg: Config, accelerator: Accelerator, progress: bool)
     if cfg.data.hflip:
         captions += [swap_left_right(c) for c in dataset.captions]
     token_objects = TokenObjectTable(encoder.tokenizer, encoder.max_length) if grounded else None
-    return TrainingData(dataset, dataset_dirs[0], captions, encoder, source, token_objects)
+    return TrainingData(dataset, dataset_dirs[0], captions, encoder, source, token_objects, grounded)

@@ -126,19 +126,37 @@ def test_cli_reports_user_errors_without_traceback(tmp_path):
     assert "unknown key(s) batch_sise" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_grounding_on_data_without_masks_is_a_clear_error(tmp_path):
-    folder = tmp_path / "user"
+def user_folder(folder, rows):
     folder.mkdir()
-    for i in range(4):
+    for i, row in enumerate(rows):
         Image.new("RGB", (16, 16), (200, 30, 30)).save(folder / f"{i}.png")
-    (folder / "metadata.jsonl").write_text("".join(f'{{"file_name": "{i}.png", "text": "a red thing"}}\n' for i in range(4)))
+    Image.new("L", (16, 16), 1).save(folder / "mask.png")  # one object covering the image
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", **row}) + "\n" for i, row in enumerate(rows)))
+    return folder
+
+
+def test_a_folder_without_masks_trains_without_the_grounding_loss_and_says_so(tmp_path):
+    folder = user_folder(tmp_path / "user", [{"text": "a red thing"}] * 4)
+    run = tmp_path / "run"
+    cfg = load_config(TINY, [f"data.dataset={folder}", f"cache_dir={tmp_path / 'cache'}", "train.batch_size=4",
+                             "train.max_steps=2", "train.validate_every=0", "text_encoder.tiny_clip.steps=2"])
+    assert cfg.train.grounding_weight > 0  # the default asks for grounding
+    train(cfg, output_dir=str(run), progress=False)
+    log = (run / "train.log").read_text()
+    assert log.count("training without the grounding loss") == 1 and " grounding " not in log.split("step 2 loss")[1]
+    assert (run / "model" / "model_index.json").is_file()
+
+
+def test_a_folder_that_grounds_only_some_rows_is_a_clear_error(tmp_path):
+    grounded = {"text": "a red thing", "mask_file": "mask.png", "word_objects": [0, 1, 1]}
+    folder = user_folder(tmp_path / "user", [grounded, grounded, {"text": "a red thing"}, grounded])
     result = subprocess.run(
         [sys.executable, "train.py", "--config", str(TINY), "--output-dir", str(tmp_path / "run"),
          f"data.dataset={folder}", f"cache_dir={tmp_path / 'cache'}"],
         cwd=ROOT, capture_output=True, text=True,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "mask_file" in result.stderr and "train.grounding_weight: 0" in result.stderr
+    assert "row 3 has no grounding" in result.stderr and "mask_file" in result.stderr and "train.grounding_weight: 0" in result.stderr
     assert not (tmp_path / "cache" / "text_encoders").exists()  # failed before training a tiny CLIP on it
     assert not (tmp_path / "run").exists()  # a failed start leaves nothing in the way of the next one
 
