@@ -60,14 +60,16 @@ def read_manifest(attn: Path) -> dict:
     return manifest
 
 
-def read_arrays(attn: Path, manifest: dict) -> dict[str, np.ndarray]:
-    """The arrays the manifest promises, each checked to be there with shape (tokens, S, S)."""
+def read_arrays(attn: Path, manifest: dict, only: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The arrays the manifest promises (or just those named in `only`), each checked to be there with
+    shape (tokens, S, S), or (words, S, S) for "words"."""
     path = attn / MAPS_FILE
     if not path.is_file():
         raise UserError(f"{path} is missing (the map file beside {attn / MANIFEST_FILE}); sample the image again")
     needed = ["global", "words"]
     needed += [f"layer/{name}" for name in manifest.get("layers_saved", [])]
     needed += [f"step/{index}" for index in manifest.get("snapshot_steps", [])]
+    needed = [key for key in needed if only is None or key in only]
     try:
         with np.load(path) as stored:
             missing = [key for key in needed if key not in stored.files]
@@ -90,4 +92,4 @@ def read_word_maps(image_path: Path) -> tuple[list[str], np.ndarray]:
     """(words, maps (W, S, S)) of the image at `image_path`, from its .attn/ folder."""
     folder = attn_folder(image_path)
     manifest = read_manifest(folder)
-    return manifest["words"], read_arrays(folder, manifest)["words"]
+    return manifest["words"], read_arrays(folder, manifest, only=("words",))["words"]

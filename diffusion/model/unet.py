@@ -17,6 +17,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from diffusion.config import RETIRED
 from diffusion.model.attention import AttentionRecorder, CrossAttention, FeedForward, SelfAttention
 
 
@@ -73,9 +74,9 @@ class UNetBlock(nn.Module):
         return x
 
 
-# Config keys of options measured, rejected and removed (BENCHMARKS.md, "Tried and not adopted"), with
-# their off value: a model exported before the removal holds them off and still loads, silently.
-RETIRED_CONFIG = {"position_embedding": False, "text_refiner_layers": 0}
+# The UNet's options that were measured, rejected and removed (diffusion.config.RETIRED), with their
+# off value: a model exported before the removal holds them off and still loads, silently.
+RETIRED_CONFIG = {path[1]: off for path, off in RETIRED.items() if path[0] == "unet"}
 
 
 class UNet(ModelMixin, ConfigMixin):

@@ -63,7 +63,7 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
     logger.info("run folder: %s (%d process(es), device %s)", run_dir, accelerator.num_processes, accelerator.device)
     logger.info("mixed precision: %s (train.mixed_precision=%s: %s)", precision, t.mixed_precision, why)
     logger.info("dataset: %d images, %d distinct captions from %s", len(data.dataset), len(set(data.captions)), data.train_dir)
-    if t.grounding_weight > 0 and not data.grounded:
+    if t.grounding_weight > 0 and data.token_objects is None:
         logger.info("no row of the dataset has mask_file and word_objects: training without the grounding loss")
 
     # 3. Model, EMA, optimizer and learning-rate schedule; identical on every process.

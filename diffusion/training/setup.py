@@ -84,8 +84,7 @@ class TrainingData:
     captions: list[str]
     encoder: TextEncoder
     encoder_source: str  # where the encoder was loaded from (the cached tiny CLIP, a Hub id, a folder)
-    token_objects: TokenObjectTable | None  # which object each caption token names, for grounding
-    grounded: bool  # the grounding loss is on: asked for, and the dataset has masks and word_objects
+    token_objects: TokenObjectTable | None  # which object each caption token names; None: no grounding loss
 
 
 def prepare_training_data(cfg: Config, accelerator: Accelerator, progress: bool) -> TrainingData:
@@ -107,4 +106,4 @@ def prepare_training_data(cfg: Config, accelerator: Accelerator, progress: bool)
     if cfg.data.hflip:
         captions += [swap_left_right(c) for c in dataset.captions]
     token_objects = TokenObjectTable(encoder.tokenizer, encoder.max_length) if grounded else None
-    return TrainingData(dataset, dataset_dirs[0], captions, encoder, source, token_objects, grounded)
+    return TrainingData(dataset, dataset_dirs[0], captions, encoder, source, token_objects)
