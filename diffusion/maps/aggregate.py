@@ -3,7 +3,8 @@
 Per layer: the probabilities (B, heads, HW, T) of the conditional rows are averaged over heads and
 added to a running sum at the layer's own resolution, so memory does not grow with the number of
 steps. At the end each layer's mean is upsampled to the image size, and the global map is the mean
-over layers. Optional per-step snapshots keep the global map at chosen steps.
+over layers. Optional per-step snapshots keep the global map at chosen steps, and beside it the
+step's estimate of the clean image, so a viewer can show the map forming as the image emerges.
 
 The aggregator is a sampling hook: the loop asks its `recorder(step_index, timestep)` for each
 step's recorder and passes it to the UNet explicitly: no global hooks, no call counting.
@@ -43,6 +44,7 @@ class AttentionMaps:
     global_map: torch.Tensor
     layers: dict[str, torch.Tensor] = field(default_factory=dict)
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # step index -> global map
+    denoised: dict[int, torch.Tensor] = field(default_factory=dict)  # step index -> x_0 estimate (B, C, S, S)
     steps_aggregated: list[int] = field(default_factory=list)  # timesteps summed into the maps
 
 
@@ -56,6 +58,7 @@ class AttentionAggregator(SamplingHook):
         self.sums: dict[str, torch.Tensor] = {}  # layer -> (B, T, r, r) running sum
         self.counts: dict[str, int] = {}
         self.snapshots: dict[int, torch.Tensor] = {}
+        self.denoised: dict[int, torch.Tensor] = {}
         self.steps_aggregated: list[int] = []
 
     def recorder(self, step_index: int, timestep: int) -> AttentionRecorder | None:
@@ -81,11 +84,12 @@ class AttentionAggregator(SamplingHook):
 
         return record
 
-    def after_step(self, step_index: int, timestep: int) -> None:
-        """Snapshot the global map every `snapshot_every` steps."""
+    def after_step(self, step_index: int, timestep: int, denoised: torch.Tensor) -> None:
+        """Snapshot the global map, and the step's x_0 estimate (B, C, S, S), every `snapshot_every` steps."""
         every = self.settings.snapshot_every
         if every > 0 and (step_index + 1) % every == 0 and self.sums:
             self.snapshots[step_index] = self._global(self._layer_means())
+            self.denoised[step_index] = denoised.detach().clamp(-1, 1).cpu()
 
     def _upsample(self, maps: torch.Tensor) -> torch.Tensor:
         if maps.shape[-1] == self.image_size:
@@ -110,5 +114,6 @@ class AttentionAggregator(SamplingHook):
             global_map=self._global(layers),
             layers=layers if self.settings.keep_layers else {},
             snapshots=dict(self.snapshots),
+            denoised=dict(self.denoised),
             steps_aggregated=list(self.steps_aggregated),
         )

@@ -3,6 +3,7 @@ word, and one overlay per word. The arrays and the manifest go through diffusion
 
     <name>.attn/grid.png              the image and one heat-map tile per word, with the word under it
     <name>.attn/words/NN_<word>.png   one overlay per word (NN: the word's position in the prompt)
+    <name>.attn/steps/step_NNNN.png   with step snapshots: the denoised estimate after each snapshot step
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffusion.images import tile
-from diffusion.maps.format import attn_folder, write_maps
+from diffusion.maps.format import STEP_IMAGE, attn_folder, write_maps
 from diffusion.sampling.pipeline import ImageAttention
 
 DISPLAY_SIZE = 256  # overlays and grid tiles are upscaled to this many pixels (nearest neighbour)
@@ -76,6 +77,10 @@ def save_image_with_maps(image: Image.Image, attention: ImageAttention | None, i
         picture.save(folder / "words" / name)
         tiles.append(labelled(picture, f"{word}  (peak {heat.max():.2f})"))
     tile(tiles, columns=len(tiles)).save(folder / "grid.png")
+    step_images = {i: STEP_IMAGE.format(i) for i in sorted(attention.snapshot_images)}
+    for i, name in step_images.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        attention.snapshot_images[i].save(folder / name)
 
     arrays = {"global": attention.global_map, "words": words}
     arrays.update({f"layer/{name}": m for name, m in attention.layers.items()})
@@ -95,6 +100,7 @@ def save_image_with_maps(image: Image.Image, attention: ImageAttention | None, i
         "layers": attention.layer_resolutions,
         "layers_saved": sorted(attention.layers),
         "snapshot_steps": sorted(attention.snapshots),
+        "snapshot_images": list(step_images.values()),
         "timesteps_aggregated": attention.steps_aggregated,
         "aggregation": {
             "heads": "mean",

@@ -22,6 +22,7 @@ from diffusion.errors import UserError
 MANIFEST_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MAPS_FILE = "maps.npz"
+STEP_IMAGE = "steps/step_{:04d}.png"  # the x_0 estimate beside snapshot step/<index>
 REQUIRED = ("prompt", "tokens", "word_of_token", "words", "start_token", "end_token", "layers")
 
 
@@ -86,6 +87,17 @@ def read_arrays(attn: Path, manifest: dict, only: tuple[str, ...] | None = None)
         if array.ndim != 3 or array.shape[0] != expected or array.shape[1] != array.shape[2]:
             raise UserError(f"{path}: array {key} has shape {array.shape}, expected ({expected}, S, S)")
     return arrays
+
+
+def step_images(attn: Path, manifest: dict) -> list[Path]:
+    """The denoised image of each snapshot step, in snapshot_steps order; [] where none were saved."""
+    paths = [attn / name for name in manifest.get("snapshot_images", [])]
+    missing = [path for path in paths if not path.is_file()]
+    if missing:
+        raise UserError(f"{missing[0]} is missing (its manifest lists it); sample the image again")
+    if paths and len(paths) != len(manifest.get("snapshot_steps", [])):
+        raise UserError(f"{attn / MANIFEST_FILE} lists {len(paths)} step images for {len(manifest['snapshot_steps'])} snapshot steps; sample the image again")
+    return paths
 
 
 def read_word_maps(image_path: Path) -> tuple[list[str], np.ndarray]:

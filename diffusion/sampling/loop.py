@@ -23,7 +23,8 @@ Denoise = Callable[[torch.Tensor, AttentionRecorder], torch.Tensor]
 
 class SamplingHook:
     """Per-step hooks of `sample`; each method's default does nothing. At step i (timestep t):
-    `before_step` may move x_t, `recorder` may ask for the step's attention, `after_step` observes."""
+    `before_step` may move x_t, `recorder` may ask for the step's attention, `after_step` observes the
+    step's estimate of the clean image."""
 
     def before_step(self, i: int, t: int, x: torch.Tensor, denoise: Denoise) -> torch.Tensor:
         return x
@@ -31,8 +32,8 @@ class SamplingHook:
     def recorder(self, i: int, t: int) -> AttentionRecorder | None:
         return None
 
-    def after_step(self, i: int, t: int) -> None:
-        pass
+    def after_step(self, i: int, t: int, denoised: torch.Tensor) -> None:
+        """`denoised`: (B, C, S, S), the step's estimate of x_0 for the prompts' images."""
 
 
 class OnStep(SamplingHook):
@@ -41,7 +42,7 @@ class OnStep(SamplingHook):
     def __init__(self, fn: Callable[[int, int], None]):
         self.fn = fn
 
-    def after_step(self, i: int, t: int) -> None:
+    def after_step(self, i: int, t: int, denoised: torch.Tensor) -> None:
         self.fn(i, t)
 
 
@@ -53,6 +54,13 @@ def initial_noise(generators: list[torch.Generator], shape: tuple[int, ...], dev
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance of model outputs (B, C, S, S): uncond + w (cond - uncond)."""
     return uncond + scale * (cond - uncond)
+
+
+def denoised_estimate(scheduler: SchedulerMixin, step_output) -> torch.Tensor:
+    """The step's estimate of the clean image x_0, (B, C, S, S): the scheduler's own where its step
+    returns one (DDPM, DDIM, Euler); DPM-Solver++ converts each model output to x_0 and keeps the last."""
+    x0 = getattr(step_output, "pred_original_sample", None)
+    return x0 if x0 is not None else scheduler.model_outputs[-1]
 
 
 def _one_recorder(recorders: list[AttentionRecorder]) -> AttentionRecorder | None:
@@ -114,7 +122,8 @@ def sample(
             cond, uncond = out.chunk(2)  # (B, C, S, S) each
             out = guide(cond, uncond, guidance_scale)
         # 3. One scheduler step towards t-1.
-        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+        step = scheduler.step(out, t, x, **step_kwargs)
+        x = step.prev_sample
         for hook in hooks:
-            hook.after_step(i, int(t))
+            hook.after_step(i, int(t), denoised_estimate(scheduler, step))
     return x.clamp(-1, 1)

@@ -44,6 +44,7 @@ class ImageAttention:
     global_map: torch.Tensor  # (T, S, S)
     layers: dict[str, torch.Tensor]  # layer name -> (T, S, S)
     snapshots: dict[int, torch.Tensor]  # step index -> (T, S, S)
+    snapshot_images: dict[int, Image.Image]  # step index -> the step's estimate of the clean image
     steps_aggregated: list[int]
     layer_resolutions: dict[str, int]
     settings: MapSettings
@@ -173,6 +174,7 @@ class TextToImagePipeline(DiffusionPipeline):
                     global_map=maps.global_map[b, kept],
                     layers={name: m[b, kept] for name, m in maps.layers.items()},
                     snapshots={i: m[b, kept] for i, m in maps.snapshots.items()},
+                    snapshot_images={i: to_pil(x0[b : b + 1])[0] for i, x0 in maps.denoised.items()},
                     steps_aggregated=maps.steps_aggregated,
                     layer_resolutions=resolutions,
                     settings=settings,

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from diffusion.errors import UserError, exit_on_user_error
-from diffusion.maps.format import MAPS_FILE, read_arrays, read_manifest
+from diffusion.maps.format import MAPS_FILE, read_arrays, read_manifest, step_images
 
 REPORT_NAME = "report.html"
 TEMPLATE_NAME = "template.html"
@@ -63,6 +63,7 @@ def read_sample(image: Path) -> dict:
         layers={name: manifest["layers"].get(name) for name in manifest.get("layers_saved", [])},
         num_layers=len(manifest.get("layers", {})),
         snapshot_steps=manifest.get("snapshot_steps", []),
+        snapshot_images=[png_data_uri(path) for path in step_images(attn, manifest)],
         num_steps=manifest.get("steps") or len(manifest.get("timesteps_aggregated", [])),
         size=int(arrays["global"].shape[-1]),
         settings={key: manifest[key] for key in SETTINGS if key in manifest},

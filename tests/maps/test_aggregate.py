@@ -27,7 +27,7 @@ def test_maps_are_the_mean_over_heads_and_steps_per_layer_then_over_layers():
         record = aggregator.recorder(i, 999 - i)
         for name, p in layers.items():
             record(name, p)
-        aggregator.after_step(i, 999 - i)
+        aggregator.after_step(i, 999 - i, torch.zeros(b, 3, 4, 4))
     maps = aggregator.result()
     fine = torch.stack([as_maps(s["fine"], b) for s in steps]).mean(0)  # (b, T, 4, 4)
     coarse = F.interpolate(torch.stack([as_maps(s["coarse"], b) for s in steps]).mean(0), size=(4, 4), mode="nearest")
@@ -47,12 +47,13 @@ def test_a_timestep_window_skips_the_steps_outside_it_and_snapshots_keep_the_run
             p = probs(2 * b, 1, 2, 2, seed=i)
             record("only", p)
             recorded.append(as_maps(p, b))
-        aggregator.after_step(i, t)
+        aggregator.after_step(i, t, torch.full((b, 3, 2, 2), float(i)))
     maps = aggregator.result()
     assert aggregator.recorder(3, 600) is None and maps.steps_aggregated == [400, 100]
     torch.testing.assert_close(maps.global_map, torch.stack(recorded).mean(0))
     torch.testing.assert_close(maps.snapshots[1], recorded[0])  # after the first step inside the window
     assert 0 not in maps.snapshots and maps.layers == {}
+    assert sorted(maps.denoised) == [1, 2] and maps.denoised[2].eq(1).all()  # each snapshot's x_0 estimate, clamped
 
 
 def test_no_step_in_the_window_is_an_error():

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diffusion.sampling.settings import SamplerSettings
 from diffusion.maps.aggregate import MapSettings
@@ -105,6 +106,10 @@ def test_cli_writes_images_maps_and_manifest(finished_run, tmp_path):
     assert {f"layer/{name}" for name in manifest["layers"]} <= set(arrays.files)
     assert {f"step/{i}" for i in manifest["snapshot_steps"]} <= set(arrays.files) and manifest["snapshot_steps"]
     assert sorted(p.name for p in (folder / "words").iterdir()) == manifest["word_files"]
+    # Beside each map snapshot, the denoised estimate of the image after that step; the last is the image.
+    assert len(manifest["snapshot_images"]) == len(manifest["snapshot_steps"]) == 3
+    last = Image.open(folder / manifest["snapshot_images"][-1])
+    assert np.array_equal(np.asarray(last), np.asarray(Image.open(out / "a-blue-square-left-of-a-green-star_seed1.png")))
     assert (folder / "grid.png").is_file()
     assert manifest["seed"] == 1 and manifest["steps"] == 3
     assert manifest["scheduler"] == SamplerSettings().scheduler and manifest["guidance_scale"] == SamplerSettings().guidance

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from diffusion.maps.aggregate import AttentionAggregator, MapSettings
 from diffusion.model.unet import UNet
@@ -35,6 +35,7 @@ def run(unet, seeds=(0, 1), hooks=(), guidance=3.0, scheduler=None, steps=4, bat
 class Log(SamplingHook):
     def __init__(self):
         self.calls = []
+        self.denoised = []  # each step's x_0 estimate
 
     def before_step(self, i, t, x, denoise):
         self.calls.append(("before", i, t))
@@ -44,8 +45,9 @@ class Log(SamplingHook):
         self.calls.append(("recorder", i, t))
         return lambda name, probs: self.calls.append(("probs", name, probs.shape[0]))
 
-    def after_step(self, i, t):
+    def after_step(self, i, t, denoised):
         self.calls.append(("after", i, t))
+        self.denoised.append(denoised.clone())
 
 
 def test_hooks_see_every_step_in_order_and_the_conditional_rows_come_first(unet):
@@ -58,6 +60,15 @@ def test_hooks_see_every_step_in_order_and_the_conditional_rows_come_first(unet)
         assert at_step == [("before", i, t), ("recorder", i, t), ("after", i, t)]
     # Every cross-attention layer at every step sees the guided batch: 2 prompts + 2 unconditional rows.
     assert [c[2] for c in log.calls if c[0] == "probs"] == [4] * (len(unet.cross_attention_layers) * 3)
+
+
+@pytest.mark.parametrize("scheduler", [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler])
+def test_hooks_see_each_steps_estimate_of_the_clean_image_and_the_last_one_is_the_image(unet, scheduler):
+    log = Log()
+    image = run(unet, hooks=[log], scheduler=scheduler(), steps=4)
+    assert [d.shape for d in log.denoised] == [image.shape] * 4  # the prompts' rows only
+    torch.testing.assert_close(log.denoised[-1].clamp(-1, 1), image, atol=1e-4, rtol=1e-4)
+    assert (log.denoised[0] - image).abs().mean() > 1e-3  # the first estimate is still far off
 
 
 def test_a_hook_that_moves_x_changes_the_image_and_a_quiet_one_does_not(unet):
@@ -95,3 +106,4 @@ def test_the_aggregator_hook_records_the_conditional_rows_at_the_image_size(unet
     assert maps.global_map.shape == (2, 5, 8, 8) and set(maps.layers) == set(unet.cross_attention_layers)
     torch.testing.assert_close(maps.global_map.sum(1), torch.ones(2, 8, 8))  # each pixel's tokens sum to one
     assert sorted(maps.snapshots) == [1, 3] and len(maps.steps_aggregated) == 4
+    assert sorted(maps.denoised) == [1, 3] and maps.denoised[1].shape == (2, 3, 8, 8)

@@ -16,13 +16,9 @@ from diffusion.errors import UserError
 from diffusion.maps.format import write_maps
 from diffusion.viewer.report import DATA_PLACEHOLDER, build_report, collect, main, render
 
+from browser import assert_shows, canvas_pixels, launch_chromium, shown_map
 from conftest import ROOT
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 LAYERS = {"down.1.0.cross_attn": 4, "up.1.0.cross_attn": 8}
 
 
@@ -202,13 +198,8 @@ def samples(finished_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium); the viewer's browser test needs it")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is missing (pip install playwright)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+    with launch_chromium() as chromium:
+        yield chromium
 
 
 @pytest.fixture
@@ -232,36 +223,13 @@ def open_page(browser):
         page.close()
 
 
-def colour_values(rgb: np.ndarray) -> np.ndarray:
-    """Invert the page's colour map (map_export's): RGB (H, W, 3) -> values in [0, 1]."""
-    from diffusion.maps.export import colormap
-
-    levels = np.linspace(0, 1, 2001)
-    table = colormap(levels).astype(np.int32)  # (L, 3)
-    distances = ((rgb.reshape(-1, 1, 3).astype(np.int32) - table[None]) ** 2).sum(-1)
-    return levels[distances.argmin(1)].reshape(rgb.shape[:2])
-
-
-def shown_map(card) -> np.ndarray:
-    """What the card's overlay canvas shows, read back from its pixels, as values in [0, 1]."""
-    canvas = card.locator("canvas.overlay")
-    assert canvas.is_visible()
-    width, pixels = canvas.evaluate(
-        "c => [c.width, Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data)]"
-    )
-    return colour_values(np.array(pixels, dtype=np.uint8).reshape(width, width, 4)[..., :3])
-
-
-def assert_shows(card, expected: np.ndarray) -> None:
-    """The overlay is `expected` scaled to its own peak (the page's default colour scale)."""
-    shown = shown_map(card)
-    assert shown.shape == expected.shape
-    expected = expected / expected.max()
-    np.testing.assert_allclose(shown, expected, atol=0.02)
-    # Where the page is brightest the word acted most (maps of a barely trained model are nearly flat:
-    # near-ties of the argmax are allowed), and the ranking of pixels is the array's.
-    assert expected.flat[shown.argmax()] > 0.98
-    assert np.corrcoef(shown.ravel(), expected.ravel())[0, 1] > 0.99
+def assert_picture(card, png: Path, step: str) -> None:
+    """The card's picture is `png`, each of its pixels drawn as a square block (nearest neighbour)."""
+    picture = card.locator("canvas.picture")
+    assert picture.get_attribute("data-step") == step
+    expected = np.asarray(Image.open(png).convert("RGB"))
+    block = 256 // expected.shape[0]
+    np.testing.assert_array_equal(canvas_pixels(picture)[block // 2 :: block, block // 2 :: block], expected)
 
 
 def word_map(maps, key: str, word_of_token: list, word: int) -> np.ndarray:
@@ -297,11 +265,14 @@ def test_hovering_a_word_overlays_its_saved_map(samples, open_page, tmp_path):
     # Denoising steps: the slider shows the map as it stood after each step; play starts at the first.
     assert manifest["snapshot_steps"] == [0, 1, 2]
     card.locator('button.chip[data-word="1"]').click()  # pinned: stays shown when the mouse moves on
+    # The picture follows the slider: the denoised estimate after that step, then the image itself.
     card.locator("input.step").evaluate("e => { e.value = 0; e.dispatchEvent(new Event('input')); }")
     assert card.locator("select.layer").is_disabled()
     assert_shows(card, word_map(maps, "step/0", manifest["word_of_token"], 1))
+    assert_picture(card, samples / f"{name}.attn" / manifest["snapshot_images"][0], step="0")
     card.locator("input.step").evaluate("e => { e.value = 3; e.dispatchEvent(new Event('input')); }")
     assert_shows(card, word_map(maps, f"layer/{layer}", manifest["word_of_token"], 1))
+    assert_picture(card, samples / f"{name}.png", step="final")
 
     # The grid of all words and a screenshot of the whole (look at it when changing the page).
     card.locator(".gridToggle").click()
