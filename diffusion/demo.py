@@ -26,7 +26,7 @@ from diffusion.errors import UserError, exit_on_user_error
 from diffusion.sampling.settings import SCHEDULER_NAMES, SamplerSettings
 
 PACKAGE = Path(__file__).parent
-FRAMES = 20  # map and image snapshots per image for the step slider (at most)
+FRAMES = 20  # map and image snapshots per image for the step slider (at most; the slider's end is the final map)
 EXAMPLES = [
     ["a red circle left of a blue square", "a red circle right of a blue square"],
     ["a large green triangle", "a small green triangle"],
@@ -35,7 +35,7 @@ EXAMPLES = [
 
 
 def snapshot_every(steps: int) -> int:
-    """Snapshot every k-th step so that the slider has at most FRAMES frames (the last is the final image)."""
+    """Snapshot every k-th step, so that the slider has at most FRAMES frames before its final position."""
     return max(1, -(-steps // FRAMES))
 
 
@@ -103,6 +103,7 @@ def build_app(demo: Demo):
 
     d = SamplerSettings()
 
+    # `progress` is Gradio's: it shows the sampler's progress bar (tqdm) in the page.
     def run(prompt, compare, seed, steps, guidance, scheduler, layout_guidance, progress=gr.Progress(track_tqdm=True)):
         try:
             settings = SamplerSettings(
