@@ -71,12 +71,18 @@ class ShapesConfig:
 
 @dataclass
 class DataConfig:
-    # "shapes" (the built-in procedural set, generated on first use and cached) or the path of a
-    # folder in the Hugging Face imagefolder layout (image files + metadata.jsonl).
+    # "shapes" (the built-in procedural set, generated on first use and cached), the path of a folder in the
+    # Hugging Face imagefolder layout (image files + metadata.jsonl), or a dataset the `datasets` library reads:
+    # a Hub id (owner/name) or a folder of parquet/arrow files (written into the cache as an imagefolder once).
     dataset: str = "shapes"
     image_size: int = ranged(32, ge=8)
-    caption_column: str = "text"
+    caption_column: str = "text"  # a caption, or a list of several (one is drawn each time the row is used)
+    image_column: str = "image"  # (datasets read with the datasets library)
+    split: str = "train"  # the split to train on (datasets library); its "test" or "validation" split is held out
     skip_bad_rows: bool = False
+    # A folder without a test/ split: hold out this fraction of its rows as the test split (the tiny CLIP's
+    # retrieval and the evaluation read it), chosen by a hash of each file name, so it stays put as images are added.
+    test_fraction: float = ranged(0.0, ge=0, lt=1, note="0: train on every row")
     # Horizontal flips are off: captions speak of "left of" / "right of" and a flip would make them
     # lies. When turned on, the loader swaps the words left and right in each flipped caption.
     hflip: bool = False
@@ -365,6 +371,8 @@ def validate_config(cfg: Config) -> None:
                 f"every level's width (unet.base_channels x channel_mults: {width}) must be divisible by "
                 f"unet.head_dim ({u.head_dim}) and unet.norm_groups ({u.norm_groups})"
             )
+    if cfg.data.test_fraction > 0 and cfg.data.dataset == "shapes":
+        raise ConfigError("data.test_fraction splits a folder of your own; the shapes dataset has its own test split (data.shapes.num_test)")
     if cfg.train.grounding_weight > 0 and not u.cross_attention_resolutions:
         raise ConfigError("train.grounding_weight > 0 needs cross-attention: list unet.cross_attention_resolutions")
     if any(m < 1 for m in u.channel_mults):

@@ -6,14 +6,16 @@ A folder holds image files plus a `metadata.jsonl` with one JSON object per line
 
 `file_name` is relative to the folder; the caption column is configurable. The built-in
 shapes dataset (`diffusion.data.shapes`) writes exactly this layout, so user data and shapes
-take the same path. All images are decoded once at construction into one uint8 tensor:
-the datasets this project trains on are small, and it keeps CPU training fast.
+take the same path. All images are decoded once at construction into one uint8 tensor, which
+keeps CPU training fast: in memory, or for a set larger than MEMORY_LIMIT bytes (50,000 images at
+64 px are 600 MB) in a file on disk mapped into memory, so that only the pages in use take RAM.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ METADATA_FILE = "metadata.jsonl"
 PROGRESS_MIN_IMAGES = 2000  # show a progress bar when decoding more images than this
 SKIP_HINT = "or set data.skip_bad_rows: true to skip such rows"
 LEFT_RIGHT = re.compile(r"\b(left|right)\b")
+MEMORY_LIMIT = 1 << 30  # bytes of decoded images held in memory; a larger set goes to a mapped file on disk
 
 
 class DatasetError(UserError, ValueError):
@@ -63,10 +66,18 @@ def resize_and_centre_crop(
     return image.crop((left, top, left + size, top + size))
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited on white (as icons and emoji are drawn), not on black."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 def load_image(path: Path, size: int) -> np.ndarray:
     """uint8 (size, size, 3) RGB; raises OSError (or PIL's subclasses) for unreadable files."""
     with Image.open(path) as image:
-        rgb = image.convert("RGB")
+        rgb = to_rgb(image)
     return np.asarray(resize_and_centre_crop(rgb, size), dtype=np.uint8)
 
 
@@ -87,9 +98,19 @@ def parse_row(line: str, caption_column: str) -> dict:
             f"has no caption column {caption_column!r} (columns: {sorted(row)}); "
             "add it, or set data.caption_column to the column that holds the captions",
         )
-    if not isinstance(caption, str) or not caption.strip():
-        raise BadRow("empty caption", f"has an empty or non-text caption in {caption_column!r}: {caption!r}; write one")
+    captions = caption if isinstance(caption, list) else [caption]
+    if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+        raise BadRow(
+            "empty caption",
+            f"has an empty or non-text caption in {caption_column!r}: {caption!r}; write one (or a list of several)",
+        )
     return row
+
+
+def row_captions(row: dict, caption_column: str) -> tuple[str, ...]:
+    """A parsed row's captions: one, or several (a list in the caption column, one drawn per use)."""
+    caption = row[caption_column]
+    return tuple(c.strip() for c in (caption if isinstance(caption, list) else [caption]))
 
 
 GROUNDING_FORMAT = (
@@ -132,8 +153,23 @@ def has_grounding(root: str | Path) -> bool:
     return False
 
 
+def image_store(rows: int, size: int, spill_dir: str | Path | None = None) -> tuple[np.ndarray, str]:
+    """Room for `rows` decoded images, uint8 (rows, 3, S, S), and where it is, in words: an array in memory, or
+    past MEMORY_LIMIT a file in `spill_dir` (default: the system's temporary folder) mapped into memory,
+    which the system deletes once it is closed."""
+    shape = (rows, 3, size, size)
+    megabytes = rows * 3 * size * size / 1e6
+    if rows * 3 * size * size <= MEMORY_LIMIT:
+        return np.empty(shape, dtype=np.uint8), f"decoded in memory ({megabytes:,.0f} MB)"
+    folder = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
+    folder.mkdir(parents=True, exist_ok=True)
+    spill = tempfile.TemporaryFile(dir=folder, prefix="decoded-images-")
+    where = f"decoded into a file in {folder} mapped into memory ({megabytes:,.0f} MB: more than {MEMORY_LIMIT / 1e6:,.0f} MB)"
+    return np.memmap(spill, dtype=np.uint8, mode="w+", shape=shape), where
+
+
 class CaptionedImageFolder(Dataset):
-    """Images and captions from `root/metadata.jsonl`, decoded once into memory.
+    """Images and captions from `root/metadata.jsonl`, decoded once (into memory, or a mapped file; image_store).
 
     Items are {"pixel_values": float32 (3, S, S) in [-1, 1], "caption": str, "index": int}.
 
@@ -159,6 +195,7 @@ class CaptionedImageFolder(Dataset):
         hflip: bool = False,
         progress: bool = True,
         masks: bool = False,
+        spill_dir: str | Path | None = None,
     ):
         self.root = Path(root)
         self.with_masks = masks
@@ -171,12 +208,14 @@ class CaptionedImageFolder(Dataset):
 
         lines = self.read_metadata_lines()
         self.rows: list[dict] = []  # raw metadata of the kept rows, e.g. ground-truth objects
-        self.captions: list[str] = []
+        self.captions: list[str] = []  # each row's (first) caption
+        self.caption_sets: list[tuple[str, ...]] = []  # each row's captions: one, or several to draw from
         self.word_objects: list[list[int]] = []  # filled with masks=True
         self.skipped_reasons: Counter[str] = Counter()
         masks: list[np.ndarray] = []
-        images = self.decode_rows(lines, masks)
-        self.images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S) uint8
+        store, self.storage = image_store(len(lines), image_size, spill_dir)  # (rows, 3, S, S) uint8
+        kept = self.decode_rows(lines, masks, store)
+        self.images = torch.from_numpy(store[:kept])  # (N, 3, S, S) uint8
         self.masks = torch.from_numpy(np.stack(masks)) if masks else None  # (N, S, S) uint8
         self.report_skipped(len(lines))
 
@@ -208,9 +247,10 @@ class CaptionedImageFolder(Dataset):
             message += f". Found {METADATA_FILE} in {', '.join(splits)}/: point at {self.root / splits[0]} instead"
         return message
 
-    def decode_rows(self, lines: list[tuple[int, str]], masks: list[np.ndarray]) -> list[np.ndarray]:
-        """Decode every row's image (returned) and, with masks on, its mask (appended to `masks`)."""
-        images = []
+    def decode_rows(self, lines: list[tuple[int, str]], masks: list[np.ndarray], store: np.ndarray) -> int:
+        """Decode every row's image into `store` (rows, 3, S, S) and, with masks on, its mask (appended to
+        `masks`); returns the number of rows kept."""
+        kept = 0
         bar = tqdm(lines, desc=f"loading {self.root.name}", unit="img", disable=not self.progress or len(lines) <= PROGRESS_MIN_IMAGES)
         for number, line in bar:
             try:
@@ -222,15 +262,17 @@ class CaptionedImageFolder(Dataset):
                 self.skipped_reasons[bad.reason] += 1
                 continue
             self.rows.append(row)
-            self.captions.append(row[self.caption_column].strip())
-            images.append(image)
+            self.caption_sets.append(row_captions(row, self.caption_column))
+            self.captions.append(self.caption_sets[-1][0])
+            store[kept] = image.transpose(2, 0, 1)  # (S, S, 3) -> (3, S, S)
+            kept += 1
             if mask is not None:
                 masks.append(mask)
                 self.word_objects.append(row["word_objects"])
-        if not images:
+        if not kept:
             reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped_reasons.items())
             raise DatasetError(f"{self.metadata_path}: every row is unusable ({reasons}); nothing to load")
-        return images
+        return kept
 
     def decode_row(self, line: str) -> tuple[dict, np.ndarray]:
         row = parse_row(line, self.caption_column)
@@ -249,6 +291,8 @@ class CaptionedImageFolder(Dataset):
 
     def decode_grounding(self, row: dict) -> np.ndarray:
         """The row's mask, after checking its word_objects against the caption; or BadRow."""
+        if isinstance(row[self.caption_column], list):
+            raise BadRow("bad word_objects", "has several captions; word_objects can ground one caption only: give it one")
         if "mask_file" not in row or "word_objects" not in row:
             raise BadRow("no grounding", f"has no grounding; the grounding loss needs {GROUNDING_FORMAT}, or set train.grounding_weight: 0")
         words = row[self.caption_column].split()
@@ -278,10 +322,20 @@ class CaptionedImageFolder(Dataset):
         batch = self.batch(torch.tensor([index]))
         return {"pixel_values": batch.pixels[0], "caption": batch.captions[0], "index": index}
 
+    @property
+    def all_captions(self) -> list[str]:
+        """Every distinct caption a batch can hold (before hflip's swaps), in row order."""
+        return list(dict.fromkeys(c for captions in self.caption_sets for c in captions))
+
+    def draw_caption(self, row: int) -> str:
+        """The row's caption, or one of its several drawn at random (torch's global RNG)."""
+        captions = self.caption_sets[row]
+        return captions[0] if len(captions) == 1 else captions[int(torch.randint(len(captions), ()))]
+
     def batch(self, rows: torch.Tensor) -> Batch:
         """Many items at once: pixels float32 (B, 3, S, S) in [-1, 1], captions and (if loaded) masks."""
         pixels = self.images[rows].float() / 127.5 - 1.0  # (B, 3, S, S)
-        captions = [self.captions[i] for i in rows.tolist()]
+        captions = [self.draw_caption(i) for i in rows.tolist()]
         masks = None if self.masks is None else self.masks[rows]  # (B, S, S)
         word_objects = [self.word_objects[i] for i in rows.tolist()] if self.masks is not None else None
         if self.hflip:

@@ -48,9 +48,14 @@ class CaptionedPairs:
         return self.images[index].float() / 127.5 - 1.0
 
 
-def load_pairs(folder: str | Path, image_size: int) -> CaptionedPairs:
-    dataset = CaptionedImageFolder(folder, image_size)
-    return CaptionedPairs(images=dataset.images, captions=list(dataset.captions))
+def load_pairs(folder: str | Path, image_size: int, caption_column: str = "text", skip_bad_rows: bool = False) -> CaptionedPairs:
+    dataset = CaptionedImageFolder(folder, image_size, caption_column, skip_bad_rows)
+    if all(len(captions) == 1 for captions in dataset.caption_sets):
+        return CaptionedPairs(images=dataset.images, captions=list(dataset.captions))
+    # One pair per caption: a row with several captions gives as many pairs of the same image.
+    rows = [row for row, captions in enumerate(dataset.caption_sets) for _ in captions]
+    captions = [caption for captions in dataset.caption_sets for caption in captions]
+    return CaptionedPairs(images=dataset.images[rows], captions=captions)
 
 
 def build_clip_config(cfg: TinyClipConfig, tokenizer: CLIPTokenizer) -> CLIPConfig:
@@ -195,6 +200,8 @@ def retrieval_accuracy(
     test_dir: str | Path,
     n_pairs: int = 100,
     seed: int = 0,
+    caption_column: str = "text",
+    skip_bad_rows: bool = False,
 ) -> dict[str, float]:
     """Text-to-image retrieval among n_pairs held-out pairs with distinct captions.
 
@@ -202,7 +209,7 @@ def retrieval_accuracy(
     """
     model = CLIPModel.from_pretrained(model_dir).eval()
     tokenizer = CLIPTokenizer.from_pretrained(model_dir)
-    pairs = load_pairs(test_dir, model.config.vision_config.image_size)
+    pairs = load_pairs(test_dir, model.config.vision_config.image_size, caption_column, skip_bad_rows)
     chosen = distinct_caption_indices(pairs.captions, n_pairs, seed)
     captions = [pairs.captions[i] for i in chosen]
     max_length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
@@ -222,11 +229,12 @@ def retrieval_accuracy(
 
 
 def train_into(
-    folder: Path, train_dir: str | Path, cfg: TinyClipConfig, test_dir: str | Path | None, progress: bool
+    folder: Path, train_dir: str | Path, cfg: TinyClipConfig, test_dir: str | Path | None, progress: bool, columns: dict
 ) -> dict:
-    """Train tokenizer and model, save both into `folder`, and measure retrieval from the saved files."""
+    """Train tokenizer and model, save both into `folder`, and measure retrieval from the saved files.
+    `columns`: caption_column and skip_bad_rows, to read the folders as the UNet's training reads them."""
     # 1. Data in memory, a tokenizer learned on its captions.
-    pairs = load_pairs(train_dir, cfg.image_size)
+    pairs = load_pairs(train_dir, cfg.image_size, **columns)
     tokenizer = train_clip_tokenizer(pairs.captions, folder, cfg.vocab_size, cfg.max_length)
 
     # 2. Contrastive training.
@@ -237,7 +245,7 @@ def train_into(
     model.save_pretrained(folder)
     metrics: dict = {"final_loss": final_loss, "steps": cfg.steps, "train_pairs": len(pairs.captions)}
     if test_dir is not None:
-        metrics["retrieval"] = retrieval_accuracy(folder, test_dir, cfg.retrieval_pairs, cfg.seed)
+        metrics["retrieval"] = retrieval_accuracy(folder, test_dir, cfg.retrieval_pairs, cfg.seed, **columns)
     return metrics
 
 
@@ -247,12 +255,14 @@ def train_tiny_clip(
     cfg: TinyClipConfig,
     test_dir: str | Path | None = None,
     progress: bool = True,
+    caption_column: str = "text",
+    skip_bad_rows: bool = False,
 ) -> dict:
     """Train the tokenizer and the tiny CLIP on `train_dir`, save both to `out_dir` (atomically), return metrics."""
     start = time.time()
     torch.manual_seed(cfg.seed)
     with atomic_dir(Path(out_dir)) as staging:
-        metrics = train_into(staging, train_dir, cfg, test_dir, progress)
+        metrics = train_into(staging, train_dir, cfg, test_dir, progress, {"caption_column": caption_column, "skip_bad_rows": skip_bad_rows})
         metrics["train_seconds"] = round(time.time() - start, 1)
         info = {"config": asdict(cfg), **metrics}
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2))
@@ -269,6 +279,7 @@ def parse_args() -> argparse.Namespace:
     for name, value in asdict(defaults).items():
         if not isinstance(value, list):
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--caption-column", default="text", help="the metadata column of the captions (default text)")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args()
 
@@ -279,7 +290,8 @@ def main() -> None:
     data = Path(args.data)
     train_dir = data / "train" if (data / "train").is_dir() else data
     test_dir = data / "test" if (data / "test").is_dir() else None
-    metrics = train_tiny_clip(train_dir, args.out, cfg, test_dir=test_dir, progress=not args.no_progress)
+    metrics = train_tiny_clip(train_dir, args.out, cfg, test_dir=test_dir, progress=not args.no_progress,
+                              caption_column=args.caption_column)
     print(json.dumps(metrics, indent=2))
 
 

@@ -31,7 +31,7 @@ from diffusion.training.progress import LogWindow, TrainingProgress
 from diffusion.training.run_folder import open_run_dir, setup_logging, shared_run_dir
 from diffusion.training.setup import TrainingError, build_unet, check_can_start, prepare_training_data, resolve_precision
 from diffusion.training.text_states import CaptionRows, FrozenText, TunedText
-from diffusion.training.validation import validate
+from diffusion.training.validation import own_validation_prompts, validate
 
 logger = logging.getLogger("diffusion")
 
@@ -59,10 +59,16 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
         text = TunedText(data.encoder, data.captions, t.text_encoder_lr, t.ema_decay, t.ema_warmup)
     else:
         text = FrozenText(data.encoder, data.captions, progress and main)
+    own_prompts = own_validation_prompts(cfg, data.dataset.captions)
+    if own_prompts is not None:
+        t.validation_prompts = own_prompts  # saved with the config, so the run records what it sampled
     open_run_dir(run_dir, cfg, accelerator)
     logger.info("run folder: %s (%d process(es), device %s)", run_dir, accelerator.num_processes, accelerator.device)
     logger.info("mixed precision: %s (train.mixed_precision=%s: %s)", precision, t.mixed_precision, why)
-    logger.info("dataset: %d images, %d distinct captions from %s", len(data.dataset), len(set(data.captions)), data.train_dir)
+    logger.info("dataset: %d images, %d distinct captions from %s (%s)", len(data.dataset), len(set(data.captions)),
+                data.train_dir, data.dataset.storage)
+    if own_prompts is not None:
+        logger.info("validation prompts: %s (six of the dataset's own captions; set train.validation_prompts to choose)", own_prompts)
     if t.grounding_weight > 0 and data.token_objects is None:
         logger.info("no row of the dataset has mask_file and word_objects: training without the grounding loss")
 

@@ -97,13 +97,13 @@ def prepare_training_data(cfg: Config, accelerator: Accelerator, progress: bool)
     grounded = cfg.train.grounding_weight > 0 and has_grounding(dataset_dirs[0])
     dataset = CaptionedImageFolder(
         dataset_dirs[0], cfg.data.image_size, cfg.data.caption_column, cfg.data.skip_bad_rows, cfg.data.hflip,
-        progress=progress, masks=grounded,
+        progress=progress, masks=grounded, spill_dir=cache_dir,
     )
     with accelerator.main_process_first():
         source = prepare_text_encoder(cfg.text_encoder, cfg.data, cache_dir, progress=progress, dataset_dirs=dataset_dirs)
     encoder = TextEncoder.from_pretrained(source).to(accelerator.device)
-    captions = list(dataset.captions)
+    captions = dataset.all_captions
     if cfg.data.hflip:
-        captions += [swap_left_right(c) for c in dataset.captions]
+        captions += [swap_left_right(c) for c in captions]
     token_objects = TokenObjectTable(encoder.tokenizer, encoder.max_length) if grounded else None
     return TrainingData(dataset, dataset_dirs[0], captions, encoder, source, token_objects)

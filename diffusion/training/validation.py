@@ -6,11 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 from PIL import Image
 
 from diffusion.config import TrainConfig
 from diffusion.images import tile
+from diffusion.maps.export import slug
 from diffusion.maps.aggregate import MapSettings
 from diffusion.model.unet import UNet
 from diffusion.sampling.generate import Job, generate
@@ -20,6 +22,18 @@ from diffusion.sampling.settings import SamplerSettings
 from diffusion.text.encoder import TextEncoder
 
 GRID_SCALE = 4  # validation grids are upscaled this many times (nearest neighbour) for viewing
+OWN_PROMPTS = 6  # captions of a dataset of one's own that stand in for the shapes validation prompts
+
+
+def own_validation_prompts(cfg, captions: list[str]) -> list[str] | None:
+    """A dataset of one's own left with the built-in shapes validation prompts gets six of its own distinct
+    captions (a seeded choice) instead; None where train.validation_prompts stays as it is."""
+    if cfg.data.dataset == "shapes" or cfg.train.validation_prompts != TrainConfig().validation_prompts:
+        return None
+    by_file = {slug(c): c for c in captions}  # one caption per file name, so that no image overwrites another
+    distinct = list(by_file.values())
+    order = torch.randperm(len(distinct), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
+    return [distinct[i] for i in order[:OWN_PROMPTS]]
 
 
 def validate(

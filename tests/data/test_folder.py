@@ -176,3 +176,73 @@ def test_word_objects_must_match_the_caption(tmp_path):
     metadata.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DatasetError, match="row 2 .*one object id .* per caption word"):
         CaptionedImageFolder(out / "train", image_size=32, masks=True)
+
+
+def test_test_fraction_holds_out_rows_by_file_name_and_leaves_the_folder_as_it_is(tmp_path):
+    from diffusion.config import DataConfig
+    from diffusion.training.prepare import prepare_dataset
+
+    root = write_folder(tmp_path / "user", [f"caption {k}" for k in range(40)])
+    before = (root / "metadata.jsonl").read_bytes()
+    data = DataConfig(dataset=str(root), caption_column="prompt", test_fraction=0.25)
+    train_dir, test_dir = prepare_dataset(data, tmp_path / "cache")
+    train, test = (CaptionedImageFolder(d, WIDTH, caption_column="prompt") for d in (train_dir, test_dir))
+    assert len(train) + len(test) == 40 and 4 <= len(test) <= 16  # ~10 of 40 by hash
+    assert not set(train.captions) & set(test.captions) and (root / "metadata.jsonl").read_bytes() == before
+    k = int(test.captions[0].split()[1])  # the rows' images are the folder's own
+    assert torch.equal(test.images[0], CaptionedImageFolder(root, WIDTH, caption_column="prompt").images[k])
+    # The same rows stay held out when images are added (a hash of each file name decides).
+    append_line(root, json.dumps({"file_name": "pics/0.png", "prompt": "one more"}))
+    _, grown = prepare_dataset(data, tmp_path / "cache")
+    assert grown != test_dir and set(test.captions) <= set(CaptionedImageFolder(grown, WIDTH, caption_column="prompt").captions)
+    (root / "test").mkdir()
+    (root / "test" / "metadata.jsonl").write_text("")
+    with pytest.raises(DatasetError, match="has a test split already"):
+        prepare_dataset(data, tmp_path / "cache")
+
+
+def test_a_row_with_several_captions_draws_one_per_use_and_all_are_known(tmp_path):
+    from diffusion.text.tiny_clip import load_pairs
+
+    root = write_folder(tmp_path / "user", ["a cat", "a dog"], column="text")
+    rows = [json.loads(line) for line in (root / "metadata.jsonl").read_text().splitlines()]
+    rows[0]["text"] = ["a cat", "a small kitten ", "a cat"]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = CaptionedImageFolder(root, WIDTH)
+    assert data.caption_sets == [("a cat", "a small kitten", "a cat"), ("a dog",)] and data.captions == ["a cat", "a dog"]
+    assert data.all_captions == ["a cat", "a small kitten", "a dog"]  # what the text cache must hold
+    torch.manual_seed(0)
+    drawn = [data.batch(torch.tensor([0, 1])).captions for _ in range(40)]
+    assert {d[0] for d in drawn} == {"a cat", "a small kitten"} and {d[1] for d in drawn} == {"a dog"}
+    pairs = load_pairs(root, WIDTH)  # the tiny CLIP learns every caption of its image
+    assert pairs.captions == ["a cat", "a small kitten", "a cat", "a dog"] and torch.equal(pairs.images[1], data.images[0])
+    append_line(root, json.dumps({"file_name": "pics/0.png", "text": []}))
+    with pytest.raises(DatasetError, match="row 3 has an empty or non-text caption"):
+        CaptionedImageFolder(root, WIDTH)
+
+
+def test_transparent_greyscale_and_palette_images_load_as_rgb_on_white(tmp_path):
+    (tmp_path / "pics").mkdir()
+    red = Image.new("RGBA", (20, 30), (0, 0, 0, 0))  # odd-sized, transparent black but for a half-opaque red block
+    red.paste((255, 0, 0, 128), (0, 10, 20, 20))
+    images = {"rgba.png": red, "la.png": red.convert("LA"), "grey.png": Image.new("L", (8, 8), 100)}
+    for name, image in images.items():
+        image.save(tmp_path / "pics" / name)
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"pics/{n}", "text": n}) + "\n" for n in images))
+    data = CaptionedImageFolder(tmp_path, 20)
+    rgba, la, grey = (data.images[i].permute(1, 2, 0) for i in range(3))  # (20, 20, 3) each
+    assert rgba[0, 0].tolist() == [255, 255, 255] and la[0, 0].tolist() == [255, 255, 255]  # transparent -> white
+    assert rgba[10, 10].tolist() == [255, 127, 127]  # half-opaque red over white: pink
+    assert grey[5, 5].tolist() == [100, 100, 100]
+
+
+def test_a_large_set_is_decoded_into_a_mapped_file_not_memory(folder, tmp_path, monkeypatch):
+    import diffusion.data.folder as loader
+
+    in_memory = CaptionedImageFolder(folder, WIDTH, caption_column="prompt")
+    assert in_memory.storage.startswith("decoded in memory")
+    monkeypatch.setattr(loader, "MEMORY_LIMIT", 3 * 3 * WIDTH * WIDTH - 1)  # three images are over the limit
+    spilled = CaptionedImageFolder(folder, WIDTH, caption_column="prompt", spill_dir=tmp_path / "spill")
+    assert spilled.storage.startswith(f"decoded into a file in {tmp_path / 'spill'} mapped into memory")
+    assert torch.equal(spilled.images, in_memory.images) and torch.equal(spilled.batch(torch.tensor([2])).pixels, in_memory.batch(torch.tensor([2])).pixels)
+    assert list((tmp_path / "spill").iterdir()) == []  # an unnamed file: nothing is left behind

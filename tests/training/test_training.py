@@ -135,16 +135,23 @@ def user_folder(folder, rows):
     return folder
 
 
-def test_a_folder_without_masks_trains_without_the_grounding_loss_and_says_so(tmp_path):
-    folder = user_folder(tmp_path / "user", [{"text": "a red thing"}] * 4)
+def test_a_folder_without_masks_trains_without_the_grounding_loss_and_validates_on_its_own_captions(tmp_path):
+    captions = [{"text": f"a red thing {k}"} for k in range(8)]
+    folder = user_folder(tmp_path / "user", captions)
     run = tmp_path / "run"
-    cfg = load_config(TINY, [f"data.dataset={folder}", f"cache_dir={tmp_path / 'cache'}", "train.batch_size=4",
-                             "train.max_steps=2", "train.validate_every=0", "text_encoder.tiny_clip.steps=2"])
+    overrides = [f"data.dataset={folder}", f"cache_dir={tmp_path / 'cache'}", "train.batch_size=4", "train.max_steps=2",
+                 "train.validate_every=2", "train.validation_steps=1", "text_encoder.tiny_clip.steps=2"]
+    cfg = load_config(TINY.parent / "cpu.yaml", overrides)  # the default's validation prompts: shapes prompts
+    cfg = load_config(TINY, [*overrides, f"train.validation_prompts={cfg.train.validation_prompts}"])
     assert cfg.train.grounding_weight > 0  # the default asks for grounding
     train(cfg, output_dir=str(run), progress=False)
     log = (run / "train.log").read_text()
     assert log.count("training without the grounding loss") == 1 and " grounding " not in log.split("step 2 loss")[1]
     assert (run / "model" / "model_index.json").is_file()
+    # The shapes prompts say nothing of this data: six of its own captions stand in, and the run records them.
+    prompts = load_config(run / "config.yaml").train.validation_prompts
+    assert len(prompts) == 6 and set(prompts) <= {c["text"] for c in captions} and "validation prompts:" in log
+    assert len(list((run / "validation" / "step_000002").glob("*.png"))) == 6
 
 
 def test_a_folder_that_grounds_only_some_rows_is_a_clear_error(tmp_path):
