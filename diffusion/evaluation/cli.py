@@ -3,7 +3,8 @@
     python -m diffusion.evaluation --model outputs/runs/cpu
     python -m diffusion.evaluation --model outputs/runs/cpu --seeds 8 --scheduler ddpm --steps 100 --out outputs/eval/cpu
     python -m diffusion.evaluation --model outputs/runs/cpu --quick          # a handful of prompts, 2 seeds
-    python -m diffusion.evaluation --model outputs/runs/mine --masks masks.jsonl   # a model of your own data
+    python -m diffusion.evaluation --model outputs/runs/mine                        # a model of your own data
+    python -m diffusion.evaluation --model outputs/runs/mine --masks masks.jsonl   # ... and its maps against your masks
 
 Prompt fidelity (in the manner of GenEval; shapes models only): the prompts of
 `diffusion.evaluation.prompts` are sampled with several seeds, `diffusion.evaluation.detector`
@@ -13,6 +14,12 @@ prompt sets on trained compositions (single objects, pairs, sizes; each graded o
 so no image counts twice), and the held-out compositions are reported beside it. The colour,
 shape, two_objects and colour_binding rows grade the same images on fewer clauses and are shown,
 not averaged.
+
+Generation quality on your own data (diffusion.evaluation.realdata): --captions distinct captions of
+the held-out split (data.test_fraction, or the folder's test/) and of the training split are sampled
+with each seed; the dataset's own tiny CLIP scores each image by R-precision (its caption ranked
+first among 100) and each set by KID against the real images of those captions, beside the real
+images themselves, the same blurred, and random training images.
 
 Attention localisation (in the manner of DAAM): the sampler writes each image's word maps
 (`<name>.attn/maps.npz`, `manifest.json`), which are read back; each colour and shape word's map,
@@ -186,6 +193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, help="seeds per prompt, 0..N-1 (default 4; 2 with --quick)")
     SamplerSettings.add_arguments(parser)
     parser.add_argument("--quick", action="store_true", help="a handful of prompts per task (for tests)")
+    parser.add_argument("--captions", type=int, default=100,
+                        help="a model of your own data: captions per split (held-out, training) to sample (default 100)")
     parser.add_argument("--masks", help="JSONL of {prompt, seed, masks: {word: mask.png}} for attention localisation")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -196,6 +205,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.seeds = 2 if args.quick else 4
     if args.seeds < 1 or args.batch_size < 1:
         raise UserError("--seeds and --batch-size must be at least 1")
+    if args.captions < 2:
+        raise UserError("--captions must be at least 2 (KID compares sets of images)")
     args.sampler = SamplerSettings.from_args(args)
     return args
 
@@ -217,6 +228,22 @@ def user_localisation(rows: list[MaskRow], samples_dir: Path, masks_file: str) -
     return localisation_section(f"the user's masks ({masks_file})", table, counts)
 
 
+def real_data_section(cfg, splits, pool: list[str], samples_dir: Path, seeds: list[int]) -> dict:
+    """R-precision and KID of each split's generated images, judged by the dataset's own tiny CLIP."""
+    from PIL import Image
+
+    from diffusion.evaluation.realdata import CANDIDATES, Judge, score_split
+    from diffusion.sampling.generate import Job
+
+    judge = Judge.for_run(cfg)
+    pool_embeddings = judge.captions(pool)
+    scored = []
+    for split in splits:
+        generated = [[Image.open(samples_dir / Job(c, seed).file_name).convert("RGB") for seed in seeds] for c in split.captions]
+        scored.append(score_split(judge, split, generated, pool, pool_embeddings))
+    return {"judge": judge.source, "candidates": CANDIDATES, "splits": scored}
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     """Run the evaluation the arguments ask for; write the reports and return results.json's content."""
     from diffusion.sampling.generate import Job
@@ -226,12 +253,6 @@ def evaluate(args: argparse.Namespace) -> dict:
     cfg = read_run_config(model_dir)
     is_shapes = cfg.data.dataset == "shapes"
     rows = read_masks_file(Path(args.masks)) if args.masks else None
-    if not is_shapes and rows is None:
-        raise UserError(
-            f"{model_dir} was trained on {cfg.data.dataset}, not the built-in shapes dataset: prompt fidelity applies "
-            "to the shapes domain only, and attention localisation needs the objects' masks. Pass --masks FILE, a "
-            'JSONL with rows {"prompt": "a dog on a sofa", "seed": 0, "masks": {"dog": "masks/dog0.png"}}'
-        )
     out_dir = output_dir(args, run_name(model_dir))
     samples_dir = out_dir / "samples"
     seeds = list(range(args.seeds))
@@ -243,7 +264,19 @@ def evaluate(args: argparse.Namespace) -> dict:
         info, info_source = shapes_info(cfg)
         tasks = build_tasks(info, quick=args.quick)
     prompts = {p.text: p for task in tasks for p in task.prompts}
-    jobs = plan_jobs(prompts, seeds, rows)
+    splits, real_data = [], None
+    if not is_shapes:  # a dataset of the user's own: its captions, judged by its own CLIP
+        from diffusion.evaluation.realdata import read_splits
+
+        try:
+            splits, pool = read_splits(cfg, args.captions)
+        except UserError as error:
+            if rows is None:
+                raise
+            real_data = {"skipped": str(error)}  # --masks still scores the maps
+            print(f"warning: no real-data quality: {error}", file=sys.stderr)
+    jobs = plan_jobs(prompts, seeds, rows) + [Job(c, seed) for split in splits for c in split.captions for seed in seeds]
+    jobs = list(dict.fromkeys(jobs))
 
     # 2. Sample what is missing, with maps.
     def load_pipe():
@@ -270,6 +303,8 @@ def evaluate(args: argparse.Namespace) -> dict:
             "applies": False,
             "message": f"Prompt fidelity applies to the shapes domain only; this model was trained on {cfg.data.dataset}.",
         }
+        if splits:
+            real_data = real_data_section(cfg, splits, pool, samples_dir, seeds)
     if rows is not None:
         localisation.append(user_localisation(rows, samples_dir, args.masks))
 
@@ -285,6 +320,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         },
         "dataset_info": info_source,
         "fidelity": fidelity,
+        "real_data": real_data,
         "localisation": localisation,
         "per_image": [r.to_dict(out_dir) for r in records],
     }

@@ -54,10 +54,36 @@ def markdown(results: dict) -> str:
         lines += fidelity_markdown(fidelity, s["relation_margin_px"])
     else:
         lines += [fidelity["message"], ""]
+    if results.get("real_data"):
+        lines += real_data_markdown(results["real_data"])
     lines += ["## Attention localisation", ""]
+    if not results["localisation"]:
+        lines += ["Needs the objects' masks: pass --masks FILE (python -m diffusion.evaluation --help).", ""]
     for section in results["localisation"]:
         lines += localisation_markdown(section)
     return "\n".join(lines) + "\n"
+
+
+def real_data_markdown(real: dict) -> list[str]:
+    """One table per split: R-precision and KID of the generated images beside the real images and baselines."""
+    if "skipped" in real:
+        return ["## Generation quality on the dataset's own images", "", f"Not measured: {real['skipped']}", ""]
+    lines = [
+        "## Generation quality on the dataset's own images",
+        "",
+        f"Judged by the dataset's own tiny CLIP (`{real['judge']}`): R-precision is the share of images whose own "
+        f"caption the judge ranks first among {real['candidates']}; KID x 1000 is measured against the real images "
+        "of the same captions (lower is closer; the spread is over random subsets).",
+        "",
+    ]
+    for split in real["splits"]:
+        lines += [f"**{split['split']}** ({split['captions']} captions)", "",
+                  "| images | n | R-precision | KID x 1000 |", "| --- | --- | --- | --- |"]
+        for name, row in split["rows"].items():
+            distance = f"{row['kid_x1000']:.2f} ± {row['kid_std']:.2f}" if "kid_x1000" in row else "(the reference)"
+            lines.append(f"| {name} | {row['images']} | {row['r_precision']:.3f} | {distance} |")
+        lines.append("")
+    return lines
 
 
 def fidelity_markdown(fidelity: dict, relation_margin_px: float) -> list[str]:

@@ -16,6 +16,9 @@ from diffusion.evaluation.fidelity import ImageRecord, evaluate_fidelity
 from diffusion.evaluation.localisation import score_map, score_uniform
 from diffusion.evaluation.prompts import Task, build_tasks, check
 from diffusion.evaluation.report import TILE_WIDTH, failure_grid
+from diffusion.training.loop import train
+
+from conftest import tiny_config
 
 TASKS = ["single_object", "colour", "shape", "two_objects", "colour_binding", "spatial", "size", "held_out"]
 
@@ -153,21 +156,38 @@ def test_fidelity_and_failure_grid_on_rendered_scenes(tmp_path):
     assert failure_grid(records, grid) == 0 and not grid.exists()
 
 
-@pytest.fixture
-def user_data_model(finished_run, tmp_path):
-    """The tiny model, exported as if trained on a user's own image folder."""
-    model = tmp_path / "mine" / "model"
-    shutil.copytree(finished_run / "model", model)
-    config = yaml.safe_load((model / "config.yaml").read_text())
-    config["data"]["dataset"] = str(tmp_path / "my_images")
-    (model / "config.yaml").write_text(yaml.safe_dump(config))
-    return model.parent
+@pytest.fixture(scope="module")
+def user_data_model(cache_dir, tmp_path_factory):
+    """The tiny model trained on a folder of a user's own (shapes images with their captions, no masks), 20% held out."""
+    root = tmp_path_factory.mktemp("user")
+    source = next((cache_dir / "datasets").glob("shapes-*")) / "train"
+    rows = [json.loads(line) for line in (source / "metadata.jsonl").read_text().splitlines()[:300]]
+    (root / "my_images" / "pics").mkdir(parents=True)
+    with open(root / "my_images" / "metadata.jsonl", "w") as f:
+        for k, row in enumerate(rows):
+            shutil.copy(source / row["file_name"], root / "my_images" / "pics" / f"{k}.png")
+            f.write(json.dumps({"file_name": f"pics/{k}.png", "caption": row["text"]}) + "\n")
+    overrides = [f"data.dataset={root / 'my_images'}", "data.caption_column=caption", "data.test_fraction=0.2",
+                 "train.max_steps=10", "train.validate_every=0"]
+    train(tiny_config(cache_dir, *overrides), output_dir=str(root / "mine"), progress=False)
+    return root / "mine"
 
 
-def test_user_data_needs_masks(user_data_model, tmp_path, capsys):
-    assert main(["--model", str(user_data_model), "--out", str(tmp_path / "eval"), "--no-progress"]) == 2
-    error = capsys.readouterr().err
-    assert "shapes domain only" in error and "--masks" in error
+def test_user_data_is_judged_by_its_own_clip_beside_real_images_and_baselines(user_data_model, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["--model", str(user_data_model), "--captions", "6", "--seeds", "2", "--steps", "2", "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    real = results["real_data"]
+    assert "tiny-clip" in real["judge"] and real["candidates"] == 100 and results["images"] == 2 * 6 * 2  # no caption in both
+    assert [s["split"] for s in real["splits"]] == ["held-out captions", "training captions"]
+    for split in real["splits"]:
+        rows = split["rows"]
+        assert split["captions"] == 6 and rows["generated"]["images"] == 12 and rows["real"]["images"] == 6
+        assert all(in_unit_interval(row["r_precision"]) for row in rows.values())
+        assert "kid_x1000" not in rows["real"] and all(np.isfinite(rows[k]["kid_x1000"]) for k in rows if k != "real")
+    report = (out / "results.md").read_text()
+    assert "held-out captions" in report and "| blurred real | 6 |" in report and "--masks" in report
 
 
 def test_user_data_localisation_from_masks(user_data_model, tmp_path, capsys):
@@ -181,7 +201,8 @@ def test_user_data_localisation_from_masks(user_data_model, tmp_path, capsys):
     ]
     (tmp_path / "masks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "eval"
-    args = ["--model", str(user_data_model), "--masks", str(tmp_path / "masks.jsonl"), "--steps", "3", "--out", str(out)]
+    args = ["--model", str(user_data_model), "--masks", str(tmp_path / "masks.jsonl"), "--steps", "3", "--out", str(out),
+            "--captions", "2", "--seeds", "1"]
     assert main([*args, "--no-progress"]) == 0
     assert "'dog' is not a word" in capsys.readouterr().err
     results = json.loads((out / "results.json").read_text())
@@ -192,7 +213,23 @@ def test_user_data_localisation_from_masks(user_data_model, tmp_path, capsys):
     assert table["own"]["n"] == 3 and table["swapped"]["n"] == 2
     assert table["uniform"]["pointing"] == pytest.approx(np.mean([36 / 256, 220 / 256, 36 / 256]))
     assert all(in_unit_interval(s["pointing"]) for s in table.values())
-    assert "shapes domain only" in (out / "results.md").read_text()
+    assert "shapes domain only" in (out / "results.md").read_text() and results["real_data"]["splits"]
+
+
+def test_user_masks_are_scored_even_where_the_training_data_is_gone(user_data_model, tmp_path, capsys):
+    model = tmp_path / "moved" / "model"
+    shutil.copytree(user_data_model / "model", model)
+    config = yaml.safe_load((model / "config.yaml").read_text())
+    config["data"]["dataset"] = str(tmp_path / "not-here")
+    (model / "config.yaml").write_text(yaml.safe_dump(config))
+    Image.new("L", (16, 16), 255).save(tmp_path / "all.png")
+    (tmp_path / "masks.jsonl").write_text(json.dumps({"prompt": "a cat", "seed": 0, "masks": {"cat": "all.png"}}) + "\n")
+    args = ["--model", str(model.parent), "--masks", str(tmp_path / "masks.jsonl"), "--steps", "2", "--out", str(tmp_path / "e")]
+    assert main([*args, "--no-progress"]) == 0
+    assert "warning: no real-data quality" in capsys.readouterr().err
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert "not a folder" in results["real_data"]["skipped"] and results["localisation"][0]["counts"]["scored"] == 1
+    assert main(["--model", str(model.parent), "--out", str(tmp_path / "f")]) == 2  # without masks: nothing to measure
 
 
 def test_bad_masks_file_is_a_clear_error(user_data_model, tmp_path, capsys):
