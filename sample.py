@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sampler = check_args(args)
     from diffusion.maps.aggregate import MapSettings
-    from diffusion.sampling.generate import check_outputs_free, generate, parse_seeds, plan_jobs, read_prompts_file
+    from diffusion.sampling.generate import (
+        check_outputs_free, generate, parse_seeds, plan_jobs, read_prompts_file, warn_about_split_words,
+    )
     from diffusion.sampling.pipeline import TextToImagePipeline, find_model_dir
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.seed, args.seed + args.num_images))
@@ -80,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = plan_jobs(prompts, seeds)
     check_outputs_free(jobs, out_dir, args.overwrite)
     pipe = TextToImagePipeline.from_run(model_dir, device=args.device)
+    warn_about_split_words(pipe, prompts)
     written = generate(
         pipe, jobs, out_dir, sampler, args.batch_size, args.negative_prompt, map_settings,
         extra_manifest={"model": str(model_dir.resolve())}, progress=not args.no_progress,

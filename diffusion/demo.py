@@ -63,7 +63,7 @@ class Demo:
     def page(self, prompt: str, compare: str, seed, settings: SamplerSettings, progress: bool = False) -> tuple[str, list[str]]:
         """The viewer's page (HTML) of `prompt` (and `compare`, same seed), and the notes the sampler raised."""
         from diffusion.maps.aggregate import MapSettings
-        from diffusion.sampling.generate import generate, plan_jobs
+        from diffusion.sampling.generate import generate, plan_jobs, warn_about_split_words
         from diffusion.viewer.report import read_sample, render
 
         seed = number(seed, "--seed", whole=True)
@@ -74,6 +74,7 @@ class Demo:
         maps = MapSettings(snapshot_every=snapshot_every(settings.steps))
         with tempfile.TemporaryDirectory(prefix="demo-") as folder, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
+            warn_about_split_words(self.pipe, [job.prompt for job in jobs])
             generate(self.pipe, jobs, Path(folder), settings, batch_size=len(jobs), maps=maps,
                      extra_manifest={"model": str(self.model_dir.resolve())}, progress=progress)
             cards = [{"samples": [read_sample(Path(folder) / job.file_name)]} for job in jobs]  # in prompt order

@@ -55,6 +55,23 @@ def read_prompts_file(path: str | Path) -> list[str]:
     return prompts
 
 
+def warn_about_split_words(pipe: TextToImagePipeline, prompts: list[str]) -> None:
+    """Name the words of each prompt that the tokenizer splits into several tokens: not whole words of its
+    vocabulary, so often words the model saw rarely or never (a misspelling, a word outside the captions)."""
+    from diffusion.text.prompt_tokens import prompt_tokens
+
+    for prompt in dict.fromkeys(prompts):
+        tokens = prompt_tokens(pipe.tokenizer, prompt, pipe.encoder.max_length)
+        split = [f"{word!r} ({len(tokens.token_indices(w))} tokens)" for w, word in enumerate(tokens.words)
+                 if len(tokens.token_indices(w)) > 1]
+        if split:
+            warnings.warn(
+                f"Prompt {prompt!r}: words split into several tokens, so not whole words of the tokenizer's vocabulary "
+                f"and likely ones the model saw rarely or never: {', '.join(split)}; each one's map is the mean of its tokens' maps",
+                stacklevel=2,
+            )
+
+
 def plan_jobs(prompts: list[str], seeds: list[int]) -> list[Job]:
     return [Job(prompt, seed) for prompt in prompts for seed in seeds]
 

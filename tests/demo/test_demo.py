@@ -75,6 +75,8 @@ def test_the_sampler_notes_reach_the_page(demo):
     page, notes = demo.page("", "", 0, SamplerSettings(steps=1))
     assert notes == ["an empty prompt samples the unconditional model; it has no words, so no word maps"]
     assert page_data(page)["cards"][0]["samples"][0]["maps"] is None
+    page, notes = demo.page("a zebra circle", "", 0, SamplerSettings(steps=1))  # a word the captions never hold
+    assert len(notes) == 1 and "words split into several tokens" in notes[0] and "'zebra' (" in notes[0]
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5, None, "x"])
