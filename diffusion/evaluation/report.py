@@ -80,7 +80,8 @@ def real_data_markdown(real: dict) -> list[str]:
         lines += [f"**{split['split']}** ({split['captions']} captions)", "",
                   "| images | n | R-precision | KID x 1000 |", "| --- | --- | --- | --- |"]
         for name, row in split["rows"].items():
-            distance = f"{row['kid_x1000']:.2f} ± {row['kid_std']:.2f}" if "kid_x1000" in row else "(the reference)"
+            spread = f" ± {row['kid_std']:.2f}" if row.get("kid_std") else " (whole sets: no subsets to spread over)"
+            distance = f"{row['kid_x1000']:.2f}{spread}" if "kid_x1000" in row else "(the reference)"
             lines.append(f"| {name} | {row['images']} | {row['r_precision']:.3f} | {distance} |")
         lines.append("")
     return lines
