@@ -19,6 +19,7 @@ import tempfile
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +209,6 @@ class CaptionedImageFolder(Dataset):
 
         lines = self.read_metadata_lines()
         self.rows: list[dict] = []  # raw metadata of the kept rows, e.g. ground-truth objects
-        self.captions: list[str] = []  # each row's (first) caption
         self.caption_sets: list[tuple[str, ...]] = []  # each row's captions: one, or several to draw from
         self.word_objects: list[list[int]] = []  # filled with masks=True
         self.skipped_reasons: Counter[str] = Counter()
@@ -263,7 +263,6 @@ class CaptionedImageFolder(Dataset):
                 continue
             self.rows.append(row)
             self.caption_sets.append(row_captions(row, self.caption_column))
-            self.captions.append(self.caption_sets[-1][0])
             store[kept] = image.transpose(2, 0, 1)  # (S, S, 3) -> (3, S, S)
             kept += 1
             if mask is not None:
@@ -316,11 +315,16 @@ class CaptionedImageFolder(Dataset):
     # -- access ------------------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self.captions)
+        return len(self.caption_sets)
 
     def __getitem__(self, index: int) -> dict:
         batch = self.batch(torch.tensor([index]))
         return {"pixel_values": batch.pixels[0], "caption": batch.captions[0], "index": index}
+
+    @cached_property
+    def captions(self) -> list[str]:
+        """Each row's caption (its first, where it has several)."""
+        return [captions[0] for captions in self.caption_sets]
 
     @property
     def all_captions(self) -> list[str]:

@@ -85,18 +85,13 @@ def write_split(rows, folder: Path, image_column: str, caption_column: str, name
             metadata.write(json.dumps({**plain, "file_name": file_name}) + "\n")  # our file name, not a column of theirs
 
 
-def materialise(name: str, train_split: str, image_column: str, caption_column: str, cache_dir: Path,
+def materialise(name: str, train_split: str, image_column: str, caption_column: str, out: Path, hf_cache: Path,
                 progress: bool = True) -> tuple[Path, Path | None]:
-    """The (train, test) imagefolders of a `datasets` dataset, written into the cache on first use."""
-    from diffusion.training.prepare import config_hash
-
-    source = name if is_hub_id(name) else str(Path(name).resolve())
-    key = config_hash({"dataset": source, "split": train_split, "image": image_column, "caption": caption_column})
-    out = Path(cache_dir) / "datasets" / f"{re.sub(r'[^A-Za-z0-9.-]+', '-', Path(name).name)}-{key}"
+    """The (train, test) imagefolders of a `datasets` dataset in `out`, written there on first use."""
     if (out / "train" / METADATA_FILE).is_file():
         logger.info("using %s as cached in %s", name, out)
     else:
-        splits = load_dataset_dict(name, Path(cache_dir) / "huggingface")
+        splits = load_dataset_dict(name, hf_cache)
         train, test = choose_splits(splits, name, train_split)
         logger.info("writing %s (splits %s) into %s (first use; cached for later runs)", name, [train, test], out)
         with atomic_dir(out) as tmp:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -63,13 +64,24 @@ def user_dataset(data: DataConfig, cache_dir: Path, progress: bool) -> tuple[Pat
     # A folder of the files a Hub dataset holds: parquet or arrow files at its top or one level down (data/).
     readable = root.is_dir() and any(any(root.glob(f"{level}*.{kind}")) for level in ("", "*/") for kind in ("parquet", "arrow"))
     if is_hub_id(data.dataset) or readable:
-        return materialise(data.dataset, data.split, data.image_column, data.caption_column, cache_dir, progress)
+        key = config_hash({"dataset": dataset_source(data), "split": data.split, "image": data.image_column,
+                           "caption": data.caption_column})
+        out = Path(cache_dir) / "datasets" / f"{re.sub(r'[^A-Za-z0-9.-]+', '-', root.name)}-{key}"
+        return materialise(data.dataset, data.split, data.image_column, data.caption_column, out,
+                           Path(cache_dir) / "huggingface", progress)
     if root.is_dir():  # the loader says what such a folder needs
         return root, None
     raise DatasetError(
         f"data.dataset {root} is not a folder. Use 'shapes' for the built-in dataset, the path of a folder of "
         "images with a metadata.jsonl (columns file_name and text), or a Hugging Face Hub dataset id (owner/name)."
     )
+
+
+def dataset_source(data: DataConfig) -> str:
+    """What names a dataset of one's own in cache keys: a Hub id as it is, a folder by its absolute path."""
+    from diffusion.data.hub import is_hub_id
+
+    return data.dataset if is_hub_id(data.dataset) else str(Path(data.dataset).resolve())
 
 
 def held_out(file_name: str, fraction: float) -> bool:
@@ -118,12 +130,7 @@ def prepare_text_encoder(
     if text.name != TINY_CLIP:
         return text.name
     train_dir, test_dir = dataset_dirs or prepare_dataset(data, cache_dir, progress)
-    from diffusion.data.hub import is_hub_id
-
-    if data.dataset == "shapes":
-        source = asdict(data.shapes)
-    else:
-        source = {"dataset": data.dataset if is_hub_id(data.dataset) else str(Path(data.dataset).resolve())}
+    source = asdict(data.shapes) if data.dataset == "shapes" else {"dataset": dataset_source(data)}
     # What else decides the pairs it learns from, in the key only where it differs from the default (so that
     # earlier caches stay valid).
     read = {key: getattr(data, key) for key in ("test_fraction", "caption_column", "skip_bad_rows", "image_column", "split")}
