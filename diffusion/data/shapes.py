@@ -8,7 +8,8 @@ colours on a white background, with a caption that states exactly what is there:
     "a red circle above a purple triangle and a small blue star right of the purple triangle"
 
 Some compositions are held out of the train split (colour-shape pairs such as "red
-triangle", relation patterns such as "circle above square"); the test split is drawn from
+triangle", relation patterns such as "circle above square", which holds out the scene in both
+phrasings: "square below circle" is not trained on either); the test split is drawn from
 the full distribution and flags those rows `held_out: true`, so generalisation to unseen
 compositions can be measured.
 
@@ -38,6 +39,7 @@ from diffusion.data.vocabulary import (
     SIZE_WORDS,
     parse_pair,
     parse_relation_pattern,
+    with_converses,
 )
 from diffusion.text.relations import RELATION_AXES, RELATIONS
 
@@ -48,7 +50,9 @@ SQUARE_HALF_SIDE = 0.85  # square half-side / half-extent, so a square looks as 
 STAR_POINTS = 5
 STAR_INNER_RADIUS = 0.55  # inner / outer radius; chunkier than a pentagram so it survives 32 px
 PNG_COMPRESS_LEVEL = 1
-FORMAT_VERSION = 2  # of the written files; 2: rows carry word_objects (which caption word names which mask)
+# Of the written files. 2: rows carry word_objects (which caption word names which mask); 3: a held-out relation
+# pattern holds out its converse phrasing too ("circle above square" and "square below circle").
+FORMAT_VERSION = 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,7 +359,7 @@ class HeldOut:
     def from_config(cls, cfg: ShapesConfig) -> HeldOut:
         return cls(
             pairs={parse_pair(p, cfg.colours, cfg.shapes) for p in cfg.held_out_pairs},
-            patterns={parse_relation_pattern(p, cfg.shapes) for p in cfg.held_out_relations},
+            patterns={parse_relation_pattern(p, cfg.shapes) for p in with_converses(cfg.held_out_relations, cfg.shapes)},
         )
 
 
@@ -430,7 +434,7 @@ def dataset_info(cfg: ShapesConfig, num_test_held_out: int) -> dict:
         "palette": {c: list(PALETTE[c]) for c in cfg.colours},
         "background": list(BACKGROUND),
         "held_out_pairs": list(cfg.held_out_pairs),
-        "held_out_relations": list(cfg.held_out_relations),
+        "held_out_relations": with_converses(cfg.held_out_relations, cfg.shapes),  # both phrasings of each scene
         "relations": list(RELATIONS),
         "size_fractions": dict(SIZE_FRACTIONS),
         "bbox_format": "[x0, y0, x1, y1] in pixels, x1 and y1 exclusive",

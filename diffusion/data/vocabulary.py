@@ -4,7 +4,7 @@ notation. Pure Python, so the config can check a dataset's settings without load
 
 from __future__ import annotations
 
-from diffusion.text.relations import RELATIONS
+from diffusion.text.relations import CONVERSE, RELATIONS
 
 # Palette: well-separated saturated colours, all far from the white background.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -52,3 +52,13 @@ def parse_relation_pattern(text: str, shapes: list[str]) -> tuple[str, str, str]
         f"held-out relation {text!r} must read '<shape> <relation> <shape>' "
         f"with shapes in {shapes} and relation in {list(RELATIONS)}"
     )
+
+
+def with_converses(patterns: list[str], shapes: list[str]) -> list[str]:
+    """Held-out relation patterns and, after them, their converse phrasings: holding out "circle above
+    square" holds out the scene, so "square below circle" goes too (else the same scenes train under the other words)."""
+    converses = []
+    for pattern in patterns:
+        subject, relation, reference = parse_relation_pattern(pattern, shapes)
+        converses.append(f"{reference} {CONVERSE[relation]} {subject}")
+    return list(dict.fromkeys([*patterns, *converses]))

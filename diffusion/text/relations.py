@@ -19,6 +19,9 @@ RELATION_AXES: dict[str, tuple[int, bool]] = {
     "below": (1, False),
 }
 
+# Each relation's converse: "A left of B" and "B right of A" state the same scene.
+CONVERSE: dict[str, str] = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
 # The relation words as word tuples ("left", "of"), with the meaning of each:
 # (axis, subject first), axis 0 is x (left to right), 1 is y (top to bottom).
 RELATION_PHRASES: dict[tuple[str, ...], tuple[int, bool]] = {tuple(r.split()): m for r, m in RELATION_AXES.items()}

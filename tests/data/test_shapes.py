@@ -42,7 +42,7 @@ def test_layout_and_info(dataset):
     assert ShapesConfig(**info["config"]) == cfg
     assert info["palette"] == {c: list(PALETTE[c]) for c in cfg.colours}
     assert info["held_out_pairs"] == cfg.held_out_pairs
-    assert info["held_out_relations"] == cfg.held_out_relations
+    assert info["held_out_relations"][: len(cfg.held_out_relations)] == cfg.held_out_relations
     assert info["counts"]["train"] == cfg.num_train
     assert not [p for p in out.parent.iterdir() if p.name != out.name], "temporary folder left behind"
 
@@ -101,7 +101,11 @@ def held_out_in(row: dict, cfg: ShapesConfig) -> bool:
     patterns = {
         f"{objects[r['subject']]['shape']} {r['relation']} {objects[r['reference']]['shape']}" for r in row["relations"]
     }
-    return bool(pairs & set(cfg.held_out_pairs) or patterns & set(cfg.held_out_relations))
+    converses = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    scenes = set(cfg.held_out_relations) | {
+        f"{p.split()[-1]} {converses[' '.join(p.split()[1:-1])]} {p.split()[0]}" for p in cfg.held_out_relations
+    }
+    return bool(pairs & set(cfg.held_out_pairs) or patterns & scenes)
 
 
 def test_held_out_compositions_only_in_test(dataset):
@@ -173,3 +177,25 @@ def test_word_objects_name_each_object_by_its_words(dataset):
         unnamed = {w for w, o in zip(words, objects) if o == 0}
         assert unnamed <= {"a", "an", "the", "and", "left", "right", "of", "above", "below"}, row["text"]
 
+
+
+def stated_patterns(row: dict) -> set[str]:
+    objects = row["objects"]
+    return {f"{objects[r['subject']]['shape']} {r['relation']} {objects[r['reference']]['shape']}" for r in row["relations"]}
+
+
+def test_a_held_out_relation_holds_out_the_scene_in_both_phrasings(tmp_path):
+    # Two shapes only, so circle-square scenes are common: "circle above square" is held out, and so
+    # is its converse "square below circle", which states the same scene.
+    cfg = ShapesConfig(num_train=300, num_test=300, shapes=["circle", "square"], held_out_pairs=[],
+                       held_out_relations=["circle above square"])
+    out = generate_shapes(cfg, tmp_path / "data", progress=False)
+    train, test = read_rows(out / "train"), read_rows(out / "test")
+    phrasings = {"circle above square", "square below circle"}
+    assert not any(stated_patterns(row) & phrasings for row in train)
+    assert {"circle below square", "square above circle"} & set().union(*map(stated_patterns, train))
+    flagged = set().union(*(stated_patterns(row) for row in test if row["held_out"]))
+    assert phrasings <= flagged
+    assert all(row["held_out"] == bool(stated_patterns(row) & phrasings) for row in test)
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert info["held_out_relations"] == ["circle above square", "square below circle"]
