@@ -42,6 +42,7 @@ class CaptionedPairs:
 
     images: torch.Tensor  # (N, 3, S, S) uint8
     captions: list[str]
+    rows: torch.Tensor  # (N,) the folder row of each pair: a row with several captions gives several pairs
 
     def pixel_values(self, index: torch.Tensor | list[int]) -> torch.Tensor:
         """(B, 3, S, S) float in [-1, 1], scaled as CaptionedImageFolder items are."""
@@ -51,11 +52,11 @@ class CaptionedPairs:
 def load_pairs(folder: str | Path, image_size: int, caption_column: str = "text", skip_bad_rows: bool = False) -> CaptionedPairs:
     dataset = CaptionedImageFolder(folder, image_size, caption_column, skip_bad_rows)
     if all(len(captions) == 1 for captions in dataset.caption_sets):
-        return CaptionedPairs(images=dataset.images, captions=list(dataset.captions))
+        return CaptionedPairs(dataset.images, list(dataset.captions), torch.arange(len(dataset.captions)))
     # One pair per caption: a row with several captions gives as many pairs of the same image.
-    rows = [row for row, captions in enumerate(dataset.caption_sets) for _ in captions]
+    rows = torch.tensor([row for row, captions in enumerate(dataset.caption_sets) for _ in captions])
     captions = [caption for captions in dataset.caption_sets for caption in captions]
-    return CaptionedPairs(images=dataset.images[rows], captions=captions)
+    return CaptionedPairs(dataset.images[rows], captions, rows)
 
 
 def build_clip_config(cfg: TinyClipConfig, tokenizer: CLIPTokenizer) -> CLIPConfig:
@@ -90,13 +91,16 @@ def tokenize_all(tokenizer: CLIPTokenizer, captions: list[str], max_length: int)
     return encoded["input_ids"], encoded["attention_mask"]
 
 
-def contrastive_loss(logits_per_text: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric InfoNCE, where images of the same caption all count as matches.
+def contrastive_loss(logits_per_text: torch.Tensor, caption_ids: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE, where images of the same caption and captions of the same image all count
+    as matches (two captions of one row describe the same picture: neither is the other's negative).
 
     logits_per_text: (B, B) scaled cosine similarities, text i against image j.
-    caption_ids: (B,) an id per distinct caption; equal ids are positives for each other.
+    caption_ids: (B,) an id per distinct caption; row_ids: (B,) the folder row of each pair.
     """
-    positives = (caption_ids[:, None] == caption_ids[None, :]).float()  # (B, B)
+    same_caption = caption_ids[:, None] == caption_ids[None, :]  # (B, B)
+    same_image = row_ids[:, None] == row_ids[None, :]  # (B, B)
+    positives = (same_caption | same_image).float()  # (B, B)
     targets = positives / positives.sum(dim=1, keepdim=True)  # (B, B), rows sum to 1; symmetric matrix
     # 1. Text -> image: each caption picks its images among the batch's B images.
     text_to_image = F.cross_entropy(logits_per_text, targets)
@@ -166,7 +170,7 @@ def train_steps(
             group["lr"] = lr_at(step, cfg)
         ids, mask = input_ids[index], attention_mask[index]  # (B, T), (B, T)
         logits = batch_logits(model, ids, mask, pairs.pixel_values(index))  # (B, B)
-        loss = contrastive_loss(logits, caption_ids[index])
+        loss = contrastive_loss(logits, caption_ids[index], pairs.rows[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -16,7 +16,7 @@ from transformers import CLIPModel, CLIPTokenizer
 from diffusion.training.text_states import TextStateCache, TunedTextStates
 from diffusion.text.encoder import TextEncoder, TextEncoderLoadError
 from diffusion.config import TinyClipConfig
-from diffusion.text.tiny_clip import build_clip_config, retrieval_accuracy, train_tiny_clip
+from diffusion.text.tiny_clip import build_clip_config, contrastive_loss, retrieval_accuracy, train_tiny_clip
 from diffusion.text.tokenizer import END_OF_WORD, byte_alphabet, train_clip_tokenizer
 
 CAPTIONS = [
@@ -258,3 +258,17 @@ def test_tuned_text_states_start_as_the_frozen_cache_and_carry_gradients(clip_di
     star = encoder.tokenizer.convert_tokens_to_ids("star</w>")
     circle = encoder.tokenizer.convert_tokens_to_ids("circle</w>")
     assert embedding_grad[star].abs().sum() > 0 and embedding_grad[circle].abs().sum() == 0
+
+
+def test_two_captions_of_one_image_are_matches_not_negatives():
+    # Pairs: image 0 with captions A and B (one row, two captions), image 1 with caption C.
+    caption_ids, row_ids = torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1])
+    logits = torch.zeros(3, 3, requires_grad=True)  # text i against image j
+    contrastive_loss(logits, caption_ids, row_ids).backward()
+    # Raising caption B's score for image 0 (its own row's image, paired with caption A) lowers the loss;
+    # raising it for image 1 (another row) raises it.
+    assert logits.grad[1, 0] < 0 < logits.grad[1, 2]
+    # With distinct rows the same captions are plain CLIP: caption B's only match is its own image.
+    logits.grad = None
+    contrastive_loss(logits, caption_ids, torch.tensor([0, 1, 2])).backward()
+    assert logits.grad[1, 0] > 0 and logits.grad[1, 1] < 0
