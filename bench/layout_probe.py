@@ -68,6 +68,25 @@ def first_step_x0(pipe: TextToImagePipeline, prompts: list[str], seeds: list[int
     return scheduler.step(guided, t, x).pred_original_sample
 
 
+def probe(pipe: TextToImagePipeline, prompts: list, seeds: int, guidance: float) -> tuple[float, float, int]:
+    """(fraction in the right order, median gap in px, predictions) over the evaluation's spatial prompts."""
+    gaps, correct = [], []
+    for prompt in prompts:
+        x0 = first_step_x0(pipe, [prompt.text] * seeds, list(range(seeds)), guidance)
+        a, b = prompt.objects[prompt.relation.subject], prompt.objects[prompt.relation.reference]
+        for image in x0:
+            ok, gap = ordered_correctly(colour_amounts(image, a.colour, b.colour), prompt.relation.relation)
+            correct.append(ok)
+            gaps.append(gap)
+    return sum(correct) / len(correct), statistics.median(gaps), len(correct)
+
+
+def spatial_prompts(model: str) -> list:
+    """The evaluation's two-object prompts for the model's dataset."""
+    info, _ = shapes_info(read_run_config(find_model_dir(model)))
+    return next(task.prompts for task in build_tasks(info) if task.name == "spatial")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
@@ -75,22 +94,9 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=SamplerSettings().guidance)
     args = parser.parse_args()
 
-    pipe = TextToImagePipeline.from_run(args.model)
-    info, _ = shapes_info(read_run_config(find_model_dir(args.model)))
-    prompts = next(task.prompts for task in build_tasks(info) if task.name == "spatial")  # the evaluation's
-    results = {}
+    pipe, prompts = TextToImagePipeline.from_run(args.model), spatial_prompts(args.model)
     for scale in (1.0, args.guidance):
-        gaps, correct = [], []
-        for prompt in prompts:
-            seeds = list(range(args.seeds))
-            x0 = first_step_x0(pipe, [prompt.text] * len(seeds), seeds, scale)
-            a, b = prompt.objects[prompt.relation.subject], prompt.objects[prompt.relation.reference]
-            for image in x0:
-                ok, gap = ordered_correctly(colour_amounts(image, a.colour, b.colour), prompt.relation.relation)
-                correct.append(ok)
-                gaps.append(gap)
-        results[scale] = (sum(correct) / len(correct), statistics.median(gaps), len(correct))
-    for scale, (accuracy, gap, n) in results.items():
+        accuracy, gap, n = probe(pipe, prompts, args.seeds, scale)
         print(f"guidance {scale:g}: relation order right in {accuracy:.3f} of {n} first-step predictions, "
               f"median gap {gap:+.2f} px (positive: the right order)")
 

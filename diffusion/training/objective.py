@@ -44,6 +44,18 @@ class Grounding(NamedTuple):
     coverage: float = 0.0  # weight of the coverage term (diffusion.training.grounding)
 
 
+def noised(
+    scheduler: DDPMScheduler, images: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noisy images at `timesteps` (B,) and the UNet's regression target, both (B, C, H, W)."""
+    # Forward process: x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) noise.
+    noisy = scheduler.add_noise(images, noise, timesteps)
+    # The target: the noise, or v = sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x_0.
+    if scheduler.config.prediction_type == "epsilon":
+        return noisy, noise
+    return noisy, scheduler.get_velocity(images, noise, timesteps)
+
+
 class LossTerms(NamedTuple):
     diffusion: torch.Tensor  # scalar
     grounding: torch.Tensor | None  # scalar, when grounding targets were given
@@ -61,23 +73,16 @@ def diffusion_loss(
     """Mean squared error of the UNet's prediction on noised `images` (B, C, H, W) in [-1, 1];
     with `grounding`, also the grounding loss of its cross-attention (diffusion.training.grounding)."""
     b = images.shape[0]
-    # 1. A random timestep and Gaussian noise per image.
+    # 1. A random timestep and Gaussian noise per image; 2. the noisy images and the target.
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=images.device)
-    noise = torch.randn_like(images)
-    # 2. Forward process: x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) noise.
-    noisy = scheduler.add_noise(images, noise, timesteps)
-    # 3. The regression target: the noise, or v = sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x_0.
-    if scheduler.config.prediction_type == "epsilon":
-        target = noise
-    else:
-        target = scheduler.get_velocity(images, noise, timesteps)
+    noisy, target = noised(scheduler, images, torch.randn_like(images), timesteps)
     recorder = None
     if grounding is not None:
         alpha_bar = scheduler.alphas_cumprod.to(images.device)[timesteps]  # (B,) the signal left in each image
         recorder = GroundingLoss(grounding.token_objects, grounding.masks, weights=alpha_bar, coverage=grounding.coverage)
     prediction = unet(noisy, timesteps, context, context_mask, recorder=recorder)
     per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
-    # 4. Optional min-SNR-gamma weighting (Hang et al. 2023), expressed for the chosen target.
+    # 3. Optional min-SNR-gamma weighting (Hang et al. 2023), expressed for the chosen target.
     if min_snr_gamma > 0:
         ratio = snr(scheduler, timesteps)
         clipped = ratio.clamp(max=min_snr_gamma)

@@ -1,0 +1,176 @@
+"""Relations against training steps: does the model learn "left of" with compute, and at which noise level?
+
+For each exported model given (e.g. the marks of one long run), without layout guidance:
+
+1. the evaluation (python -m diffusion.evaluation --layout-guidance 0): single-object fidelity, the spatial
+   score, how often the relation holds where both objects are right, how often a two-object prompt gets
+   exactly two objects, and the held-out compositions;
+2. the first-step layout probe (bench/layout_probe.py), unguided and at the sampler's guidance;
+3. the diffusion loss on the test split's relation captions per noise level (timestep buckets), with the
+   true caption and with every relation replaced by its converse ("left of" -> "right of") at the same
+   noise: the gap (swapped - true) is how much the prediction uses the relation at that noise level, 0
+   where the model ignores it.
+
+Writes <out>.tsv (one row per model), <out>-loss.tsv (per model and bucket) and <out>.png.
+
+    PYTHONPATH=. python bench/relation_curve.py outputs/runs/long/model-{15,30,60,90,120}min \
+        --out bench/results/relation_curve_default --seeds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from layout_probe import probe, spatial_prompts
+
+from diffusion.data.folder import CaptionedImageFolder
+from diffusion.evaluation.cli import read_run_config
+from diffusion.sampling.pipeline import TextToImagePipeline, find_model_dir
+from diffusion.sampling.settings import SamplerSettings
+from diffusion.text.relations import CONVERSE
+from diffusion.training.objective import make_noise_scheduler, noised
+from diffusion.training.prepare import prepare_dataset
+
+RELATION_PATTERN = re.compile(r"\b(" + "|".join(CONVERSE) + r")\b")
+
+
+def converse_relations(caption: str) -> str:
+    """Every relation phrase replaced by its converse: the caption now contradicts its image."""
+    return RELATION_PATTERN.sub(lambda m: CONVERSE[m.group(1)], caption)
+
+
+def evaluate(model: str, out: Path, seeds: int) -> dict:
+    """The evaluation's figures without layout guidance (images reused when `out` already holds them)."""
+    subprocess.run(
+        [sys.executable, "-m", "diffusion.evaluation", "--model", model, "--seeds", str(seeds),
+         "--layout-guidance", "0", "--no-progress", "--out", str(out)],
+        check=True,
+    )
+    tasks = json.loads((out / "results.json").read_text())["fidelity"]["tasks"]
+    spatial = tasks["spatial"]
+    failed = spatial["failed_on"]
+    return {
+        "single_object": tasks["single_object"]["score"],
+        "spatial": spatial["score"],
+        "relation_holds": spatial["passed"] / max(1, spatial["passed"] + failed["relation"]),
+        "exactly_two": 1 - failed["count"] / spatial["images"],
+        "held_out": tasks["held_out"]["score"],
+    }
+
+
+@torch.no_grad()
+def loss_by_noise_level(pipe: TextToImagePipeline, model: str, buckets: int, rows: int) -> list[dict]:
+    """Per timestep bucket: the loss with the true captions and the mean gap when the relations are swapped."""
+    cfg = read_run_config(find_model_dir(model))
+    _, test_dir = prepare_dataset(cfg.data, Path(cfg.cache_dir), progress=False)
+    data = CaptionedImageFolder(test_dir, cfg.data.image_size, progress=False)
+    picked = [i for i, row in enumerate(data.rows) if row["relations"]][:rows]
+    images = data.images[picked].float() / 127.5 - 1  # (N, 3, S, S)
+    captions = [data.captions[i] for i in picked]
+    true_text = pipe.encode(captions)  # (N, T, D), (N, T)
+    swapped_text = pipe.encode([converse_relations(c) for c in captions])
+    scheduler = make_noise_scheduler(cfg.noise)
+    steps = scheduler.config.num_train_timesteps
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    for k in range(buckets):
+        # The same timesteps and noise for both captions, so the gap is the caption's alone.
+        low, high = k * steps // buckets, (k + 1) * steps // buckets
+        timesteps = torch.randint(low, high, (len(picked),), generator=generator)
+        noisy, target = noised(scheduler, images, torch.randn(images.shape, generator=generator), timesteps)
+        losses = [
+            F.mse_loss(pipe.unet(noisy, timesteps, *text).float(), target, reduction="none").mean(dim=(1, 2, 3))
+            for text in (true_text, swapped_text)
+        ]  # 2 x (N,)
+        gap = losses[1] - losses[0]
+        results.append({"timesteps": f"{low}-{high - 1}", "loss": losses[0].mean().item(),
+                        "swap_gap": gap.mean().item(), "swap_worse": (gap > 0).float().mean().item()})
+    return results
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, size=(560, 360)) -> Image.Image:
+    """A small line chart of named (x, y) series, drawn with PIL; y from 0 to the largest value (at least 1)."""
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (23, 190, 207)]
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = 50, 30, size[0] - 170, size[1] - 40
+    xs = [x for points in series.values() for x, _ in points]
+    y_max = max([1.0] + [y for points in series.values() for _, y in points])
+    y_min = min([0.0] + [y for points in series.values() for _, y in points])
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (right - left), bottom - (y - y_min) / (y_max - y_min) * (bottom - top))
+
+    draw.rectangle([left, top, right, bottom], outline="black")
+    for i in range(5):
+        y = y_min + (y_max - y_min) * i / 4
+        draw.line([at(x0, y), at(x1, y)], fill=(225, 225, 225))
+        draw.text((5, at(x0, y)[1] - 6), f"{y:.2f}", fill="black")
+    for x in sorted(set(xs)):
+        draw.text((at(x, y_min)[0] - 12, bottom + 5), f"{x:g}", fill="black")
+    draw.text((left, 8), title, fill="black")
+    draw.text(((left + right) // 2 - 20, bottom + 22), x_label, fill="black")
+    for (name, points), colour in zip(series.items(), colours):
+        draw.line([at(x, y) for x, y in points], fill=colour, width=2)
+        for x, y in points:
+            px, py = at(x, y)
+            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
+        legend_y = top + 16 * list(series).index(name)
+        draw.line([(right + 10, legend_y + 6), (right + 30, legend_y + 6)], fill=colour, width=3)
+        draw.text((right + 35, legend_y), name, fill="black")
+    return image
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", help="exported model folders, in training order")
+    parser.add_argument("--out", required=True, help="path prefix of the tables and the plot")
+    parser.add_argument("--seeds", type=int, default=2, help="evaluation seeds per prompt (default 2)")
+    parser.add_argument("--probe-seeds", type=int, default=8)
+    parser.add_argument("--buckets", type=int, default=10, help="timestep buckets of the loss (default 10)")
+    parser.add_argument("--rows", type=int, default=256, help="test rows with relations for the loss (default 256)")
+    args = parser.parse_args()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows, loss_rows = [], []
+    for model in args.models:
+        step = json.loads((find_model_dir(model) / "training_info.json").read_text())["step"]
+        figures = evaluate(model, Path("outputs/eval") / f"curve-{Path(model).parent.name}-{Path(model).name}", args.seeds)
+        pipe, prompts = TextToImagePipeline.from_run(model), spatial_prompts(model)
+        figures["probe_unguided"] = probe(pipe, prompts, args.probe_seeds, 1.0)[0]
+        figures["probe_guided"] = probe(pipe, prompts, args.probe_seeds, SamplerSettings().guidance)[0]
+        buckets = loss_by_noise_level(pipe, model, args.buckets, args.rows)
+        loss_rows += [{"model": model, "step": step, **b} for b in buckets]
+        rows.append({"model": model, "step": step, **figures})
+        print(json.dumps(rows[-1]), flush=True)
+
+    for path, table in ((out.with_suffix(".tsv"), rows), (Path(f"{out}-loss.tsv"), loss_rows)):
+        keys = list(table[0])
+        lines = ["\t".join(keys)] + ["\t".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) for r in table]
+        path.write_text("\n".join(lines) + "\n")
+    names = ["relation_holds", "spatial", "probe_unguided", "probe_guided", "single_object", "exactly_two", "held_out"]
+    accuracy = line_chart({n: [(r["step"], r[n]) for r in rows] for n in names}, "without layout guidance", "training steps")
+    gaps = line_chart(
+        {f"step {r['step']}": [(i, b["swap_gap"] * 1000) for i, b in enumerate(b for b in loss_rows if b["model"] == r["model"])] for r in rows},
+        "loss(converse caption) - loss(true caption), x1000", f"timestep bucket (0: least noise, {args.buckets - 1}: pure noise)",
+    )
+    sheet = Image.new("RGB", (accuracy.width + gaps.width, max(accuracy.height, gaps.height)), "white")
+    sheet.paste(accuracy, (0, 0))
+    sheet.paste(gaps, (accuracy.width, 0))
+    sheet.save(out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.tsv')}, {out}-loss.tsv and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
