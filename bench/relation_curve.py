@@ -131,9 +131,28 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label
     return image
 
 
+def write(out: Path, rows: list[dict], loss_rows: list[dict], buckets: int) -> None:
+    """The two tables and the plot, models sorted by step."""
+    rows, loss_rows = (sorted(t, key=lambda r: r["step"]) for t in (rows, loss_rows))
+    for path, table in ((out.with_suffix(".tsv"), rows), (Path(f"{out}-loss.tsv"), loss_rows)):
+        keys = list(table[0])
+        lines = ["\t".join(keys)] + ["\t".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) for r in table]
+        path.write_text("\n".join(lines) + "\n")
+    names = ["relation_holds", "spatial", "probe_unguided", "probe_guided", "single_object", "exactly_two", "held_out"]
+    accuracy = line_chart({n: [(r["step"], r[n]) for r in rows] for n in names}, "without layout guidance", "training steps")
+    gaps = line_chart(
+        {f"step {r['step']}": [(i, b["swap_gap"] * 1000) for i, b in enumerate(b for b in loss_rows if b["model"] == r["model"])] for r in rows},
+        "loss(converse caption) - loss(true caption), x1000", f"timestep bucket (0: least noise, {buckets - 1}: pure noise)",
+    )
+    sheet = Image.new("RGB", (accuracy.width + gaps.width, max(accuracy.height, gaps.height)), "white")
+    sheet.paste(accuracy, (0, 0))
+    sheet.paste(gaps, (accuracy.width, 0))
+    sheet.save(out.with_suffix(".png"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", help="exported model folders, in training order")
+    parser.add_argument("models", nargs="+", help="exported model folders (tables and plot sort them by training step)")
     parser.add_argument("--out", required=True, help="path prefix of the tables and the plot")
     parser.add_argument("--seeds", type=int, default=2, help="evaluation seeds per prompt (default 2)")
     parser.add_argument("--probe-seeds", type=int, default=8)
@@ -155,20 +174,7 @@ def main() -> None:
         rows.append({"model": model, "step": step, **figures})
         print(json.dumps(rows[-1]), flush=True)
 
-    for path, table in ((out.with_suffix(".tsv"), rows), (Path(f"{out}-loss.tsv"), loss_rows)):
-        keys = list(table[0])
-        lines = ["\t".join(keys)] + ["\t".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) for r in table]
-        path.write_text("\n".join(lines) + "\n")
-    names = ["relation_holds", "spatial", "probe_unguided", "probe_guided", "single_object", "exactly_two", "held_out"]
-    accuracy = line_chart({n: [(r["step"], r[n]) for r in rows] for n in names}, "without layout guidance", "training steps")
-    gaps = line_chart(
-        {f"step {r['step']}": [(i, b["swap_gap"] * 1000) for i, b in enumerate(b for b in loss_rows if b["model"] == r["model"])] for r in rows},
-        "loss(converse caption) - loss(true caption), x1000", f"timestep bucket (0: least noise, {args.buckets - 1}: pure noise)",
-    )
-    sheet = Image.new("RGB", (accuracy.width + gaps.width, max(accuracy.height, gaps.height)), "white")
-    sheet.paste(accuracy, (0, 0))
-    sheet.paste(gaps, (accuracy.width, 0))
-    sheet.save(out.with_suffix(".png"))
+        write(out, rows, loss_rows, args.buckets)  # after every model, so a cut-short run keeps what it measured
     print(f"wrote {out.with_suffix('.tsv')}, {out}-loss.tsv and {out.with_suffix('.png')}")
 
 
