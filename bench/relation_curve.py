@@ -11,7 +11,10 @@ For each exported model given (e.g. the marks of one long run), without layout g
    noise: the gap (swapped - true) is how much the prediction uses the relation at that noise level, 0
    where the model ignores it.
 
-Writes <out>.tsv (one row per model), <out>-loss.tsv (per model and bucket) and <out>.png.
+4. once, from the data alone: what the relation is worth at pure noise to the best possible predictor
+   (bayes_gap), the ceiling for the gap of step 3 at t = T - 1.
+
+Writes <out>.tsv (one row per model), <out>-loss.tsv (per model and bucket), <out>-bayes.json and <out>.png.
 
     PYTHONPATH=. python bench/relation_curve.py outputs/runs/long/model-{15,30,60,90,120}min \
         --out bench/results/relation_curve_default --seeds 2
@@ -67,13 +70,19 @@ def evaluate(model: str, out: Path, seeds: int) -> dict:
     }
 
 
+def two_object_rows(data: CaptionedImageFolder) -> list[int]:
+    """Rows with exactly two objects and the one relation between them."""
+    return [i for i, row in enumerate(data.rows) if len(row["relations"]) == 1]
+
+
 @torch.no_grad()
 def loss_by_noise_level(pipe: TextToImagePipeline, model: str, buckets: int, rows: int) -> list[dict]:
-    """Per timestep bucket: the loss with the true captions and the mean gap when the relations are swapped."""
+    """Per timestep bucket, and at pure noise (t = T - 1): the loss on two-object test rows with their true
+    captions, and the mean gap when the relation is swapped for its converse."""
     cfg = read_run_config(find_model_dir(model))
     _, test_dir = prepare_dataset(cfg.data, Path(cfg.cache_dir), progress=False)
     data = CaptionedImageFolder(test_dir, cfg.data.image_size, progress=False)
-    picked = [i for i, row in enumerate(data.rows) if row["relations"]][:rows]
+    picked = two_object_rows(data)[:rows]
     images = data.images[picked].float() / 127.5 - 1  # (N, 3, S, S)
     captions = [data.captions[i] for i in picked]
     true_text = pipe.encode(captions)  # (N, T, D), (N, T)
@@ -81,10 +90,10 @@ def loss_by_noise_level(pipe: TextToImagePipeline, model: str, buckets: int, row
     scheduler = make_noise_scheduler(cfg.noise)
     steps = scheduler.config.num_train_timesteps
     generator = torch.Generator().manual_seed(0)
+    ranges = [(k * steps // buckets, (k + 1) * steps // buckets) for k in range(buckets)] + [(steps - 1, steps)]
     results = []
-    for k in range(buckets):
+    for low, high in ranges:
         # The same timesteps and noise for both captions, so the gap is the caption's alone.
-        low, high = k * steps // buckets, (k + 1) * steps // buckets
         timesteps = torch.randint(low, high, (len(picked),), generator=generator)
         noisy, target = noised(scheduler, images, torch.randn(images.shape, generator=generator), timesteps)
         losses = [
@@ -95,6 +104,41 @@ def loss_by_noise_level(pipe: TextToImagePipeline, model: str, buckets: int, row
         results.append({"timesteps": f"{low}-{high - 1}", "loss": losses[0].mean().item(),
                         "swap_gap": gap.mean().item(), "swap_worse": (gap > 0).float().mean().item()})
     return results
+
+
+def bayes_gap(model: str) -> dict:
+    """What the relation is worth at pure noise, from the data alone. There the v-target is -x0, so the best
+    prediction for a caption is the mean image of its scenes; estimated per (subject colour, reference
+    colour, relation) from the training split's two-object rows, and scored on the test split's: the loss
+    with the true caption's mean, the gap to the converse caption's mean, and the gain over the mean of the
+    same colours in any relation (a model that ignores the relation words)."""
+    cfg = read_run_config(find_model_dir(model))
+    train_dir, test_dir = prepare_dataset(cfg.data, Path(cfg.cache_dir), progress=False)
+
+    def groups(data: CaptionedImageFolder) -> list[tuple[tuple[str, str, str], torch.Tensor]]:
+        found = []
+        for i in two_object_rows(data):
+            row = data.rows[i]
+            (rel,) = row["relations"]
+            subject, reference = row["objects"][rel["subject"]], row["objects"][rel["reference"]]
+            found.append(((subject["colour"], reference["colour"], rel["relation"]), data.images[i].float() / 127.5 - 1))
+        return found
+
+    sums: dict = {}
+    for key, image in groups(CaptionedImageFolder(train_dir, cfg.data.image_size, progress=False)):
+        total, count = sums.get(key, (0, 0))
+        sums[key] = (total + image, count + 1)
+    mean = {key: total / count for key, (total, count) in sums.items()}  # (3, S, S) each
+    scores = []
+    for (a, b, relation), image in groups(CaptionedImageFolder(test_dir, cfg.data.image_size, progress=False)):
+        either = [(a, b, r) for r in CONVERSE if (a, b, r) in sums]
+        if (a, b, relation) not in mean or (a, b, CONVERSE[relation]) not in mean:
+            continue
+        ignoring = sum(sums[k][0] for k in either) / sum(sums[k][1] for k in either)
+        loss = [F.mse_loss(m, image).item() for m in (mean[a, b, relation], mean[a, b, CONVERSE[relation]], ignoring)]
+        scores.append(loss)
+    true, swapped, ignored = torch.tensor(scores).mean(dim=0).tolist()
+    return {"rows": len(scores), "loss": true, "swap_gap": swapped - true, "gain_over_ignoring": ignored - true}
 
 
 def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, size=(560, 360)) -> Image.Image:
@@ -141,7 +185,7 @@ def write(out: Path, rows: list[dict], loss_rows: list[dict], buckets: int) -> N
     names = ["relation_holds", "spatial", "probe_unguided", "probe_guided", "single_object", "exactly_two", "held_out"]
     accuracy = line_chart({n: [(r["step"], r[n]) for r in rows] for n in names}, "without layout guidance", "training steps")
     gaps = line_chart(
-        {f"step {r['step']}": [(i, b["swap_gap"] * 1000) for i, b in enumerate(b for b in loss_rows if b["model"] == r["model"])] for r in rows},
+        {f"step {r['step']}": [(i, b["swap_gap"] * 1000) for i, b in enumerate(b for b in loss_rows if b["model"] == r["model"])][:buckets] for r in rows},
         "loss(converse caption) - loss(true caption), x1000", f"timestep bucket (0: least noise, {buckets - 1}: pure noise)",
     )
     sheet = Image.new("RGB", (accuracy.width + gaps.width, max(accuracy.height, gaps.height)), "white")
@@ -157,11 +201,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="evaluation seeds per prompt (default 2)")
     parser.add_argument("--probe-seeds", type=int, default=8)
     parser.add_argument("--buckets", type=int, default=10, help="timestep buckets of the loss (default 10)")
-    parser.add_argument("--rows", type=int, default=256, help="test rows with relations for the loss (default 256)")
+    parser.add_argument("--rows", type=int, default=256, help="two-object test rows for the loss (default 256)")
     args = parser.parse_args()
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    bayes = bayes_gap(args.models[0])
+    Path(f"{out}-bayes.json").write_text(json.dumps(bayes, indent=1) + "\n")
+    print("pure noise, from the data alone:", json.dumps(bayes), flush=True)
     rows, loss_rows = [], []
     for model in args.models:
         step = json.loads((find_model_dir(model) / "training_info.json").read_text())["step"]
