@@ -38,7 +38,7 @@ def main() -> None:
     strengths = [float(s) for s in args.strengths.split(",")]
 
     pipe = TextToImagePipeline.from_run(args.model)
-    info, _ = shapes_info(read_run_config(find_model_dir(args.model)))
+    info, _ = shapes_info(read_run_config(find_model_dir(args.model)), find_model_dir(args.model))
     palette = {c: tuple(v) for c, v in info["palette"].items()}
     prompts = next(task.prompts for task in build_tasks(info) if task.name == "spatial")
     verdicts = {s: [] for s in strengths}

@@ -83,7 +83,7 @@ def probe(pipe: TextToImagePipeline, prompts: list, seeds: int, guidance: float)
 
 def spatial_prompts(model: str) -> list:
     """The evaluation's two-object prompts for the model's dataset."""
-    info, _ = shapes_info(read_run_config(find_model_dir(model)))
+    info, _ = shapes_info(read_run_config(find_model_dir(model)), find_model_dir(model))
     return next(task.prompts for task in build_tasks(info) if task.name == "spatial")
 
 
@@ -95,7 +95,7 @@ def main() -> None:
     args = parser.parse_args()
 
     pipe, prompts = TextToImagePipeline.from_run(args.model), spatial_prompts(args.model)
-    for scale in (1.0, args.guidance):
+    for scale in dict.fromkeys((1.0, args.guidance)):
         accuracy, gap, n = probe(pipe, prompts, args.seeds, scale)
         print(f"guidance {scale:g}: relation order right in {accuracy:.3f} of {n} first-step predictions, "
               f"median gap {gap:+.2f} px (positive: the right order)")

@@ -93,19 +93,28 @@ def read_run_config(model_dir: Path):
         raise UserError(f"{path}: {error}") from None
 
 
-def shapes_info(cfg) -> tuple[dict, str]:
+def shapes_info(cfg, model_dir: Path | None = None) -> tuple[dict, str]:
     """The dataset's dataset_info.json (held-out pairs and relations, palette, config), and where it came from.
 
-    Read from the cached dataset when it is there; otherwise rebuilt from the run's config, which
-    defines the dataset completely (only the held-out row count is then unknown).
+    Read from the folder the model was trained on (training_info.json's train_dir) when it is there, so a
+    model is judged by its own data; else from the cached dataset its config names now; else rebuilt from
+    the run's config, which defines the dataset completely (only the held-out row count is then unknown).
     """
     from diffusion.data.shapes import dataset_info
     from diffusion.training.prepare import shapes_dir
 
-    path = shapes_dir(cfg.data, Path(cfg.cache_dir)) / "dataset_info.json"
-    if path.is_file():
-        return json.loads(path.read_text()), str(path)
+    recorded = read_training_info(model_dir).get("train_dir") if model_dir is not None else None
+    for path in ([Path(recorded).parent / "dataset_info.json"] if recorded else []) + [
+        shapes_dir(cfg.data, Path(cfg.cache_dir)) / "dataset_info.json"
+    ]:
+        if path.is_file():
+            return json.loads(path.read_text()), str(path)
     return dataset_info(cfg.data.shapes, num_test_held_out=None), "rebuilt from the run's config (no cached dataset found)"
+
+
+def read_training_info(model_dir: Path) -> dict:
+    path = model_dir / "training_info.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -126,9 +135,9 @@ def plan_jobs(prompts: dict[str, EvalPrompt], seeds: list[int], rows: list[MaskR
 def model_record(model_dir: Path) -> dict:
     """What a manifest records of the model: its path and, when known, its training step."""
     record = {"model": str(model_dir.resolve())}
-    info = model_dir / "training_info.json"
-    if info.is_file():  # a re-exported model at the same path has another step
-        record["model_step"] = json.loads(info.read_text()).get("step")
+    step = read_training_info(model_dir).get("step")
+    if step is not None:  # a re-exported model at the same path has another step
+        record["model_step"] = step
     return record
 
 
@@ -261,7 +270,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     # 1. Plan the images: the shapes prompts with every seed, and the user's (prompt, seed) rows.
     tasks, info, info_source = [], None, None
     if is_shapes:
-        info, info_source = shapes_info(cfg)
+        info, info_source = shapes_info(cfg, model_dir)
         tasks = build_tasks(info, quick=args.quick)
     prompts = {p.text: p for task in tasks for p in task.prompts}
     splits, real_data = [], None

@@ -173,7 +173,7 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
         logger.warning("the %d processes ended with different weights", accelerator.num_processes)
     if main:
         info = {
-            "step": step, "text_encoder_source": data.encoder_source, "text_encoder_tuned": text.tuned,
+            "step": step, "train_dir": str(data.train_dir), "text_encoder_source": data.encoder_source, "text_encoder_tuned": text.tuned,
             "processes": accelerator.num_processes, "replicas_identical": replicas_identical,
         }
         with ema_weights(averaged):

@@ -130,7 +130,12 @@ def prepare_text_encoder(
     if text.name != TINY_CLIP:
         return text.name
     train_dir, test_dir = dataset_dirs or prepare_dataset(data, cache_dir, progress)
-    source = asdict(data.shapes) if data.dataset == "shapes" else {"dataset": dataset_source(data)}
+    if data.dataset == "shapes":
+        from diffusion.data.shapes import FORMAT_VERSION
+
+        source = {**asdict(data.shapes), "format": FORMAT_VERSION}  # a new format changes the captions it learns
+    else:
+        source = {"dataset": dataset_source(data)}
     # What else decides the pairs it learns from, in the key only where it differs from the default (so that
     # earlier caches stay valid).
     read = {key: getattr(data, key) for key in ("test_fraction", "caption_column", "skip_bad_rows", "image_column", "split")}

@@ -237,3 +237,23 @@ def test_bad_masks_file_is_a_clear_error(user_data_model, tmp_path, capsys):
     args = ["--model", str(user_data_model), "--masks", str(tmp_path / "masks.jsonl"), "--out", str(tmp_path / "e")]
     assert main(args) == 2
     assert "line 1" in capsys.readouterr().err
+
+
+def test_a_model_is_judged_by_the_held_out_compositions_of_the_data_it_trained_on(finished_run, tmp_path):
+    from diffusion.evaluation.cli import read_run_config, shapes_info
+
+    model = tmp_path / "model"
+    shutil.copytree(finished_run / "model", model)
+    cfg = read_run_config(model)
+    now, _ = shapes_info(cfg, model)  # the folder training_info.json names
+    assert now["held_out_relations"][:1] == cfg.data.shapes.held_out_relations
+    # A model trained on an older version of the data, where another composition was held out.
+    older = tmp_path / "older"
+    (older / "train").mkdir(parents=True)
+    (older / "dataset_info.json").write_text(json.dumps({**now, "held_out_relations": ["star left of circle"]}))
+    info = json.loads((model / "training_info.json").read_text())
+    (model / "training_info.json").write_text(json.dumps({**info, "train_dir": str(older / "train")}))
+    then, source = shapes_info(cfg, model)
+    assert then["held_out_relations"] == ["star left of circle"] and source == str(older / "dataset_info.json")
+    held_out = next(task for task in build_tasks(then) if task.name == "held_out")
+    assert any(p.relation and p.text.split()[2:5] == ["star", "left", "of"] for p in held_out.prompts)

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def test_run_folder_holds_everything(finished_run):
                  "tokenizer/tokenizer_config.json", "config.yaml"):
         assert (run / "model" / part).is_file(), part
     info = json.loads((run / "model" / "training_info.json").read_text())
-    assert info["step"] == 40
+    assert info["step"] == 40 and (Path(info["train_dir"]) / "metadata.jsonl").is_file()  # the data it learned from
 
 
 def test_same_seed_same_training(cache_dir, finished_run, tmp_path):
