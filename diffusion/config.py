@@ -42,7 +42,7 @@ class ShapesConfig:
     shapes: list[str] = field(default_factory=lambda: list(SHAPE_NAMES))
     max_objects: int = 3
     held_out_pairs: list[str] = field(default_factory=lambda: ["red triangle", "blue star"])
-    # A relation pattern holds out its scenes in both phrasings ("square below circle" too).
+    # A relation pattern is held out in both phrasings (no training caption says "square below circle" either).
     held_out_relations: list[str] = field(default_factory=lambda: ["circle above square"])
 
     def __post_init__(self) -> None:

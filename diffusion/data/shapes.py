@@ -8,8 +8,8 @@ colours on a white background, with a caption that states exactly what is there:
     "a red circle above a purple triangle and a small blue star right of the purple triangle"
 
 Some compositions are held out of the train split (colour-shape pairs such as "red
-triangle", relation patterns such as "circle above square", which holds out the scene in both
-phrasings: "square below circle" is not trained on either); the test split is drawn from
+triangle", relation patterns such as "circle above square", held out in both phrasings:
+no training caption says "square below circle" either); the test split is drawn from
 the full distribution and flags those rows `held_out: true`, so generalisation to unseen
 compositions can be measured.
 

@@ -56,7 +56,7 @@ def parse_relation_pattern(text: str, shapes: list[str]) -> tuple[str, str, str]
 
 def with_converses(patterns: list[str], shapes: list[str]) -> list[str]:
     """Held-out relation patterns and, after them, their converse phrasings: holding out "circle above
-    square" holds out the scene, so "square below circle" goes too (else the same scenes train under the other words)."""
+    square" holds out the composition, so "square below circle" goes too (else it trains under the other words)."""
     converses = []
     for pattern in patterns:
         subject, relation, reference = parse_relation_pattern(pattern, shapes)
