@@ -200,7 +200,7 @@ def write(out: Path, rows: list[dict], loss_rows: list[dict], buckets: int) -> N
     rows, loss_rows = (sorted(t, key=lambda r: r["step"]) for t in (rows, loss_rows))
     for path, table in ((out.with_suffix(".tsv"), rows), (Path(f"{out}-loss.tsv"), loss_rows)):
         keys = list(table[0])
-        lines = ["\t".join(keys)] + ["\t".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) for r in table]
+        lines = ["\t".join(keys)] + ["\t".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) for r in table]
         path.write_text("\n".join(lines) + "\n")
     names = ["relation_holds", "spatial", "probe_unguided", "probe_guided", "single_object", "exactly_two", "held_out"]
     accuracy = line_chart({n: [(r["step"], r[n]) for r in rows] for n in names}, "without layout guidance", "training steps")
