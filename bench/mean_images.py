@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from layout_probe import first_step_x0
-from relation_curve import data_dirs, two_object_rows
+from relation_curve import data_dirs, relation_groups
 
 from diffusion.data.folder import CaptionedImageFolder
 from diffusion.evaluation.cli import read_run_config
@@ -37,15 +37,11 @@ def data_means(model: str, colours: tuple[str, str]) -> dict[str, torch.Tensor]:
     """Per relation, the mean training image (3, S, S) in [-1, 1] of two-object rows with these colours."""
     cfg = read_run_config(find_model_dir(model))
     data = CaptionedImageFolder(data_dirs(model)[0], cfg.data.image_size, progress=False)
+    groups = relation_groups(data)
     means = {}
     for relation in RELATIONS:
-        rows = []
-        for i in two_object_rows(data):
-            (rel,) = data.rows[i]["relations"]
-            objects = data.rows[i]["objects"]
-            if rel["relation"] == relation and (objects[rel["subject"]]["colour"], objects[rel["reference"]]["colour"]) == colours:
-                rows.append(i)
-        means[relation] = data.images[rows].float().mean(dim=0) / 127.5 - 1
+        images = [image for key, image in groups if key == (*colours, relation)]
+        means[relation] = torch.stack(images).mean(dim=0)  # (3, S, S) in [-1, 1]
     return means
 
 

@@ -122,6 +122,17 @@ def loss_by_noise_level(pipe: TextToImagePipeline, model: str, buckets: int) -> 
     return results
 
 
+def relation_groups(data: CaptionedImageFolder) -> list[tuple[tuple[str, str, str], torch.Tensor]]:
+    """Each two-object row as ((subject colour, reference colour, relation), its image (3, S, S) in [-1, 1])."""
+    found = []
+    for i in two_object_rows(data):
+        row = data.rows[i]
+        (rel,) = row["relations"]
+        subject, reference = row["objects"][rel["subject"]], row["objects"][rel["reference"]]
+        found.append(((subject["colour"], reference["colour"], rel["relation"]), data.images[i].float() / 127.5 - 1))
+    return found
+
+
 def bayes_gap(model: str) -> dict:
     """What the relation is worth at pure noise, from the data alone. There the v-target is -x0, so the best
     prediction for a caption is the mean image of its scenes. Estimated per (subject colour, reference colour,
@@ -135,22 +146,13 @@ def bayes_gap(model: str) -> dict:
     check_pure_noise_target(cfg)
     train_dir, test_dir = data_dirs(model)
 
-    def groups(data: CaptionedImageFolder) -> list[tuple[tuple[str, str, str], torch.Tensor]]:
-        found = []
-        for i in two_object_rows(data):
-            row = data.rows[i]
-            (rel,) = row["relations"]
-            subject, reference = row["objects"][rel["subject"]], row["objects"][rel["reference"]]
-            found.append(((subject["colour"], reference["colour"], rel["relation"]), data.images[i].float() / 127.5 - 1))
-        return found
-
     sums: dict = {}
-    for key, image in groups(CaptionedImageFolder(train_dir, cfg.data.image_size, progress=False)):
+    for key, image in relation_groups(CaptionedImageFolder(train_dir, cfg.data.image_size, progress=False)):
         total, count = sums.get(key, (0, 0))
         sums[key] = (total + image, count + 1)
     mean = {key: total / count for key, (total, count) in sums.items()}  # (3, S, S) each
     scores = []
-    for (a, b, relation), image in groups(CaptionedImageFolder(test_dir, cfg.data.image_size, progress=False)):
+    for (a, b, relation), image in relation_groups(CaptionedImageFolder(test_dir, cfg.data.image_size, progress=False)):
         either = [(a, b, r) for r in CONVERSE if (a, b, r) in sums]
         if (a, b, relation) not in mean or (a, b, CONVERSE[relation]) not in mean:
             continue

@@ -103,10 +103,11 @@ def shapes_info(cfg, model_dir: Path | None = None) -> tuple[dict, str]:
     from diffusion.data.shapes import dataset_info
     from diffusion.training.prepare import shapes_dir
 
+    candidates = [shapes_dir(cfg.data, Path(cfg.cache_dir)) / "dataset_info.json"]
     recorded = read_training_info(model_dir).get("train_dir") if model_dir is not None else None
-    for path in ([Path(recorded).parent / "dataset_info.json"] if recorded else []) + [
-        shapes_dir(cfg.data, Path(cfg.cache_dir)) / "dataset_info.json"
-    ]:
+    if recorded:
+        candidates.insert(0, Path(recorded).parent / "dataset_info.json")
+    for path in candidates:
         if path.is_file():
             return json.loads(path.read_text()), str(path)
     return dataset_info(cfg.data.shapes, num_test_held_out=None), "rebuilt from the run's config (no cached dataset found)"
