@@ -2,7 +2,9 @@
 
 1. Cosine similarity, at every layer, of the hidden state of one word against another in the same
    context ("a small green triangle" vs "a small green star", at the last token). Near 1 means the
-   diffusion model gets almost the same condition for both words.
+   diffusion model gets almost the same condition for both words. The same for a relation and its
+   opposite ("a red circle left of a blue square" vs "... right of ..."), at the relation word, at
+   the last word and at the end token.
 2. On test images, how often the true caption scores above a copy with one word changed: a shape
    word replaced, a colour word replaced, or the relation reversed (left <-> right, above <-> below).
    0.5 is chance: the tower ignores that word. (Needs the image tower: --clip only.)
@@ -44,6 +46,20 @@ def layer_similarities(text_model, tokenizer: CLIPTokenizer, a: str, b: str) -> 
     position = 3 if a in COLOURS else 4  # <start> a small green <shape>
     hidden = text_model(**encoded, output_hidden_states=True).hidden_states  # embeddings + each layer
     return [F.cosine_similarity(h[0, position], h[1, position], dim=0).item() for h in hidden]
+
+
+RELATION_TEMPLATE = "a red circle {} a blue square"
+RELATION_PAIRS = [("left of", "right of"), ("above", "below"), ("left of", "above")]
+
+
+@torch.no_grad()
+def relation_similarities(text_model, tokenizer: CLIPTokenizer, a: str, b: str) -> dict[str, list[float]]:
+    """Cosine per layer of the states of RELATION_TEMPLATE with relation a vs b, at three tokens."""
+    encoded = tokenizer([RELATION_TEMPLATE.format(a), RELATION_TEMPLATE.format(b)], return_tensors="pt", padding=True)
+    hidden = text_model(**encoded, output_hidden_states=True).hidden_states  # embeddings + each layer
+    end = (encoded["attention_mask"].sum(dim=1) - 1).tolist()  # both end tokens
+    positions = {"relation word": (4, 4), "last word": (end[0] - 1, end[1] - 1), "end token": tuple(end)}  # <start> a red circle <rel>
+    return {name: [F.cosine_similarity(h[0, i], h[1, j], dim=0).item() for h in hidden] for name, (i, j) in positions.items()}
 
 
 def changed(caption: str, kind: str, rng: random.Random) -> str | None:
@@ -131,6 +147,10 @@ def main() -> None:
     print("cosine of word states, per layer (embeddings, layer 1, ...):")
     for a, b in WORD_PAIRS:
         print(f"  {a:>8s} / {b:<8s} " + " ".join(f"{c:.3f}" for c in layer_similarities(text_model, tokenizer, a, b)))
+    print(f"cosine of relation states in {RELATION_TEMPLATE!r}, per layer:")
+    for a, b in RELATION_PAIRS:
+        for token, cosines in relation_similarities(text_model, tokenizer, a, b).items():
+            print(f"  {a:>8s} / {b:<8s} {token:<13s} " + " ".join(f"{c:.3f}" for c in cosines))
     if args.clip:
         pairs = load_pairs(Path(args.data) / "test", model.config.vision_config.image_size)
         for kind in ("shape", "colour", "relation"):

@@ -125,6 +125,10 @@ class TextEncoderConfig:
     # such as "openai/clip-vit-base-patch32", or a local directory holding a saved CLIP.
     name: str = "tiny-clip"
     tiny_clip: TinyClipConfig = field(default_factory=TinyClipConfig)
+    # Give the UNet each token's input embedding (word + position, before the transformer) beside
+    # its last hidden state, (B, T, 2D). The tiny CLIP's layers make "left" and "right" 0.99
+    # cosine-similar in context; their embeddings are not (BENCHMARKS.md, relations).
+    input_embeddings: bool = False
 
 
 @dataclass
