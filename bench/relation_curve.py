@@ -204,7 +204,7 @@ def write(out: Path, rows: list[dict], loss_rows: list[dict], buckets: int) -> N
         keys = list(table[0])
         lines = ["\t".join(keys)] + ["\t".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) for r in table]
         path.write_text("\n".join(lines) + "\n")
-    names = ["relation_holds", "spatial", "probe_unguided", "probe_guided", "single_object", "exactly_two", "held_out"]
+    names = [n for n in ("relation_holds", "spatial", "probe_unguided", "probe_guided", "single_object", "exactly_two", "held_out") if n in rows[0]]
     accuracy = line_chart({n: [(r["step"], r[n]) for r in rows] for n in names}, "without layout guidance", "training steps")
     gaps = line_chart(
         {f"step {r['step']}": [(i, b["swap_gap"] * 1000) for i, b in enumerate(b for b in loss_rows if b["model"] == r["model"])][:buckets] for r in rows},
@@ -220,7 +220,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help="exported model folders (tables and plot sort them by training step)")
     parser.add_argument("--out", required=True, help="path prefix of the tables and the plot")
-    parser.add_argument("--seeds", type=int, default=2, help="evaluation seeds per prompt (default 2)")
+    parser.add_argument("--seeds", type=int, default=2, help="evaluation seeds per prompt (default 2; 0: only the probe and the loss)")
     parser.add_argument("--probe-seeds", type=int, default=8)
     parser.add_argument("--buckets", type=int, default=10, help="timestep buckets of the loss (default 10)")
     args = parser.parse_args()
@@ -233,7 +233,7 @@ def main() -> None:
     rows, loss_rows = [], []
     for model in args.models:
         step = json.loads((find_model_dir(model) / "training_info.json").read_text())["step"]
-        figures = evaluate(model, Path("outputs/eval") / f"curve-{Path(model).parent.name}-{Path(model).name}", args.seeds)
+        figures = {} if args.seeds == 0 else evaluate(model, Path("outputs/eval") / f"curve-{Path(model).parent.name}-{Path(model).name}", args.seeds)
         pipe, prompts = TextToImagePipeline.from_run(model), spatial_prompts(model)
         figures["probe_unguided"] = probe(pipe, prompts, args.probe_seeds, 1.0)[0]
         figures["probe_guided"] = probe(pipe, prompts, args.probe_seeds, SamplerSettings().guidance)[0]
