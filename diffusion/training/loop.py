@@ -201,7 +201,7 @@ def batch_inputs(batch, states, token_objects, t: TrainConfig, device) -> tuple[
         return images, caption_rows, None
     conditioned = ["" if d else c for c, d in zip(captions, dropped.tolist())]  # a dropped caption grounds nothing
     targets = token_objects(conditioned, batch.word_objects).to(device)  # (B, T)
-    return images, caption_rows, Grounding(targets, batch.masks.to(device), t.grounding_coverage)
+    return images, caption_rows, Grounding(targets, batch.masks.to(device), t.grounding_coverage, t.grounding_pure_noise_weight)
 
 
 def diverged(loss: torch.Tensor, step: int, run_dir: Path) -> TrainingError:

@@ -274,3 +274,19 @@ def test_a_unet_that_reads_input_embeddings_trains_exports_and_samples(cache_dir
     assert states.shape[-1] == 2 * width
     out = pipe(["a red circle left of a blue square"], [0], settings=SamplerSettings(steps=2), return_attention=True)
     assert out.images[0].size == (16, 16) and out.attention[0].tokens.words[3] == "left"
+
+
+def test_a_text_refiner_and_layout_grounding_train_and_sample(cache_dir, tmp_path):
+    from diffusion.sampling.pipeline import TextToImagePipeline
+    from diffusion.sampling.settings import SamplerSettings
+
+    cfg = tiny_config(cache_dir, "unet.text_refiner_layers=1", "train.grounding_pure_noise_weight=0.5",
+                      "train.max_steps=4", "train.checkpoint_every=4", "train.validate_every=0")
+    run = tmp_path / "refined"
+    train(cfg, output_dir=str(run), progress=False)
+    pipe = TextToImagePipeline.from_run(run)
+    assert len(pipe.unet.text_refiner.layers) == 1
+    out = pipe(["a red circle left of a blue square"], [0], settings=SamplerSettings(steps=2))
+    assert out.images[0].size == (16, 16)
+    with pytest.raises(ConfigError, match="grounding_pure_noise_weight"):
+        tiny_config(cache_dir, "train.grounding_pure_noise_weight=1.5")
