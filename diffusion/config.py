@@ -125,10 +125,6 @@ class TextEncoderConfig:
     # such as "openai/clip-vit-base-patch32", or a local directory holding a saved CLIP.
     name: str = "tiny-clip"
     tiny_clip: TinyClipConfig = field(default_factory=TinyClipConfig)
-    # Give the UNet each token's input embedding (word + position, before the transformer) beside
-    # its last hidden state, (B, T, 2D). The tiny CLIP's layers make "left" and "right" 0.99
-    # cosine-similar in context; their embeddings are not (BENCHMARKS.md, relations).
-    input_embeddings: bool = False
 
 
 @dataclass
@@ -148,9 +144,6 @@ class UNetConfig:
     ff_mult: int = ranged(4, ge=0, note="0: no feed-forward")
     # Add the end token's text state (CLIP's pooled output) to the timestep embedding, as SDXL does.
     pooled_text: bool = True
-    # Bidirectional transformer layers over the text states before cross-attention (0: none). A causal
-    # text tower's object words cannot see a relation stated after them; these let them.
-    text_refiner_layers: int = ranged(0, ge=0, note="0: none")
 
 
 @dataclass
@@ -189,10 +182,6 @@ class TrainConfig:
     # Weight, inside the grounding loss, of its coverage term: a word's attention should reach its peak
     # across the whole object, not only on part of it (diffusion.training.grounding). 0: off.
     grounding_coverage: float = ranged(1.0, ge=0, note="0 turns the coverage term off")
-    # An image's grounding weight is alpha_bar, the signal left at its noise level (0 at pure noise),
-    # raised to this value at pure noise: above 0, attention must find an object's place from the text
-    # alone, as the layout is chosen at the first sampling steps. 1: the same weight at every level.
-    grounding_pure_noise_weight: float = ranged(0.0, ge=0, note="1 at most")
     # Learning rate of the CLIP text tower, fine-tuned with the UNet on the same losses (its EMA weights
     # are exported with the model); 0 keeps it frozen and its states are computed once per caption.
     text_encoder_lr: float = ranged(3e-4, ge=0, note="0: frozen")
@@ -300,7 +289,10 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 # value: a config saved before their removal still loads when it holds them off; on is an error.
 RETIRED: dict[tuple[str, ...], Any] = {
     ("unet", "position_embedding"): False,
+    ("unet", "text_refiner_layers"): 0,
+    ("train", "grounding_pure_noise_weight"): 0.0,
     ("text_encoder", "tiny_clip", "hard_negative_groups"): [],
+    ("text_encoder", "input_embeddings"): False,
 }
 
 
@@ -383,11 +375,6 @@ def validate_config(cfg: Config) -> None:
             )
     if cfg.data.test_fraction > 0 and cfg.data.dataset == "shapes":
         raise ConfigError("data.test_fraction splits a folder of your own; the shapes dataset has its own test split (data.shapes.num_test)")
-    if cfg.train.grounding_pure_noise_weight > 1:
-        raise ConfigError(
-            "train.grounding_pure_noise_weight must be at most 1 (0: weight by the signal left, 1: every noise "
-            f"level alike), got {cfg.train.grounding_pure_noise_weight}"
-        )
     if cfg.train.grounding_weight > 0 and not u.cross_attention_resolutions:
         raise ConfigError("train.grounding_weight > 0 needs cross-attention: list unet.cross_attention_resolutions")
     if any(m < 1 for m in u.channel_mults):

@@ -19,7 +19,6 @@ from torch import nn
 
 from diffusion.config import RETIRED
 from diffusion.model.attention import AttentionRecorder, CrossAttention, FeedForward, SelfAttention
-from diffusion.model.text_refiner import TextRefiner
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -111,14 +110,11 @@ class UNet(ModelMixin, ConfigMixin):
         dropout: float = 0.0,
         ff_mult: int = 0,
         pooled_text: bool = False,
-        text_refiner_layers: int = 0,
     ):
         super().__init__()
         resolutions = [sample_size // 2**i for i in range(len(channel_mults))]
         check_attention_resolutions(resolutions, cross_attention_resolutions, self_attention_resolutions)
         emb_dim = 4 * base_channels
-        # Object words read the relation stated after them (diffusion/model/text_refiner.py).
-        self.text_refiner = TextRefiner(context_dim, text_refiner_layers, head_dim) if text_refiner_layers else None
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         # Global text condition (as SDXL adds CLIP's pooled output to the timestep embedding): the end
         # token's state, which has read the whole prompt. Token states alone cannot tell "a red circle
@@ -216,10 +212,7 @@ class UNet(ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         if timestep.ndim == 0:
             timestep = timestep.expand(sample.shape[0])
-        # 1. Text states read in both directions (if configured); the timestep embedding (plus, if
-        # configured, the pooled text) shared by all residual blocks.
-        if self.text_refiner is not None:
-            context = self.text_refiner(context, context_mask)  # (B, T, D)
+        # 1. The timestep embedding (plus, if configured, the pooled text) shared by all residual blocks.
         emb = self.time_mlp(timestep_embedding(timestep, self.config.base_channels))  # (B, 4C)
         if self.text_mlp is not None:
             emb = emb + self.text_mlp(end_token_states(context, context_mask))  # (B, 4C)

@@ -42,7 +42,6 @@ class Grounding(NamedTuple):
     token_objects: torch.Tensor
     masks: torch.Tensor
     coverage: float = 0.0  # weight of the coverage term (diffusion.training.grounding)
-    pure_noise_weight: float = 0.0  # an image's grounding weight at pure noise (train.grounding_pure_noise_weight)
 
 
 def noised(
@@ -80,9 +79,7 @@ def diffusion_loss(
     recorder = None
     if grounding is not None:
         alpha_bar = scheduler.alphas_cumprod.to(images.device)[timesteps]  # (B,) the signal left in each image
-        floor = grounding.pure_noise_weight
-        weights = floor + (1 - floor) * alpha_bar  # (B,): alpha_bar, raised to `floor` at pure noise
-        recorder = GroundingLoss(grounding.token_objects, grounding.masks, weights=weights, coverage=grounding.coverage)
+        recorder = GroundingLoss(grounding.token_objects, grounding.masks, weights=alpha_bar, coverage=grounding.coverage)
     prediction = unet(noisy, timesteps, context, context_mask, recorder=recorder)
     per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     # 3. Optional min-SNR-gamma weighting (Hang et al. 2023), expressed for the chosen target.

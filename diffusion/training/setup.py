@@ -32,14 +32,13 @@ def build_unet(cfg: Config, context_dim: int) -> UNet:
 
 
 def text_width(cfg: Config) -> int:
-    """The width of the text states the UNet reads, from the encoder's config without loading its weights."""
-    copies = 2 if cfg.text_encoder.input_embeddings else 1  # last hidden state | input embedding
+    """The text encoder's hidden size, read from its config without loading its weights."""
     if cfg.text_encoder.name == TINY_CLIP:
-        return copies * cfg.text_encoder.tiny_clip.text_width
+        return cfg.text_encoder.tiny_clip.text_width
     from transformers import CLIPTextConfig
 
     try:
-        return copies * CLIPTextConfig.from_pretrained(cfg.text_encoder.name).hidden_size
+        return CLIPTextConfig.from_pretrained(cfg.text_encoder.name).hidden_size
     except (OSError, ValueError) as error:
         raise TextEncoderLoadError(load_error_message(cfg.text_encoder.name, error)) from error
 
@@ -102,7 +101,7 @@ def prepare_training_data(cfg: Config, accelerator: Accelerator, progress: bool)
     )
     with accelerator.main_process_first():
         source = prepare_text_encoder(cfg.text_encoder, cfg.data, cache_dir, progress=progress, dataset_dirs=dataset_dirs)
-    encoder = TextEncoder.from_pretrained(source, cfg.text_encoder.input_embeddings).to(accelerator.device)
+    encoder = TextEncoder.from_pretrained(source).to(accelerator.device)
     captions = dataset.all_captions
     if cfg.data.hflip:
         captions += [swap_left_right(c) for c in captions]

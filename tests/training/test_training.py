@@ -257,36 +257,3 @@ def test_tuned_text_tower_keeps_learning_after_a_validation(cache_dir, tmp_path)
     # Checkpoints hold the raw (not EMA) weights; model_1 is the text tower, prepared after the UNet.
     at_5, at_10 = (load_file(run / "checkpoints" / f"checkpoint-{s:06d}" / "model_1.safetensors") for s in (5, 10))
     assert not all(torch.equal(at_5[k], at_10[k]) for k in at_5)
-
-
-def test_a_unet_that_reads_input_embeddings_trains_exports_and_samples(cache_dir, tmp_path):
-    from diffusion.sampling.pipeline import TextToImagePipeline
-    from diffusion.sampling.settings import SamplerSettings
-
-    cfg = tiny_config(cache_dir, "text_encoder.input_embeddings=true", "train.max_steps=4",
-                      "train.checkpoint_every=4", "train.validate_every=0")
-    run = tmp_path / "input-embeddings"
-    train(cfg, output_dir=str(run), progress=False)
-    pipe = TextToImagePipeline.from_run(run)
-    width = pipe.text_encoder.config.hidden_size
-    assert pipe.unet.config.context_dim == 2 * width and pipe.encoder.input_embeddings
-    states, _ = pipe.encode(["a red circle"])
-    assert states.shape[-1] == 2 * width
-    out = pipe(["a red circle left of a blue square"], [0], settings=SamplerSettings(steps=2), return_attention=True)
-    assert out.images[0].size == (16, 16) and out.attention[0].tokens.words[3] == "left"
-
-
-def test_a_text_refiner_and_layout_grounding_train_and_sample(cache_dir, tmp_path):
-    from diffusion.sampling.pipeline import TextToImagePipeline
-    from diffusion.sampling.settings import SamplerSettings
-
-    cfg = tiny_config(cache_dir, "unet.text_refiner_layers=1", "train.grounding_pure_noise_weight=0.5",
-                      "train.max_steps=4", "train.checkpoint_every=4", "train.validate_every=0")
-    run = tmp_path / "refined"
-    train(cfg, output_dir=str(run), progress=False)
-    pipe = TextToImagePipeline.from_run(run)
-    assert len(pipe.unet.text_refiner.layers) == 1
-    out = pipe(["a red circle left of a blue square"], [0], settings=SamplerSettings(steps=2))
-    assert out.images[0].size == (16, 16)
-    with pytest.raises(ConfigError, match="grounding_pure_noise_weight"):
-        tiny_config(cache_dir, "train.grounding_pure_noise_weight=1.5")
