@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
+from diffusion.text.prompt_tokens import prompt_tokens
 from diffusion.text.tiny_clip import load_pairs, projected
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -58,7 +59,8 @@ def relation_similarities(text_model, tokenizer: CLIPTokenizer, a: str, b: str) 
     encoded = tokenizer([RELATION_TEMPLATE.format(a), RELATION_TEMPLATE.format(b)], return_tensors="pt", padding=True)
     hidden = text_model(**encoded, output_hidden_states=True).hidden_states  # embeddings + each layer
     end = (encoded["attention_mask"].sum(dim=1) - 1).tolist()  # both end tokens
-    positions = {"relation word": (4, 4), "last word": (end[0] - 1, end[1] - 1), "end token": tuple(end)}  # <start> a red circle <rel>
+    relation = prompt_tokens(tokenizer, RELATION_TEMPLATE.format(a), tokenizer.model_max_length).token_indices(3)[0]  # "a red circle <rel>"
+    positions = {"relation word": (relation, relation), "last word": (end[0] - 1, end[1] - 1), "end token": tuple(end)}
     return {name: [F.cosine_similarity(h[0, i], h[1, j], dim=0).item() for h in hidden] for name, (i, j) in positions.items()}
 
 
