@@ -73,9 +73,10 @@ def probe(pipe: TextToImagePipeline, prompts: list, seeds: int, guidance: float)
     gaps, correct = [], []
     for prompt in prompts:
         x0 = first_step_x0(pipe, [prompt.text] * seeds, list(range(seeds)), guidance)
-        a, b = prompt.objects[prompt.relation.subject], prompt.objects[prompt.relation.reference]
+        (relation,) = prompt.relations  # two-object prompts: one relation
+        a, b = prompt.objects[relation.subject], prompt.objects[relation.reference]
         for image in x0:
-            ok, gap = ordered_correctly(colour_amounts(image, a.colour, b.colour), prompt.relation.relation)
+            ok, gap = ordered_correctly(colour_amounts(image, a.colour, b.colour), relation.relation)
             correct.append(ok)
             gaps.append(gap)
     return sum(correct) / len(correct), statistics.median(gaps), len(correct)

@@ -67,6 +67,7 @@ def evaluate(model: str, out: Path, seeds: int) -> dict:
         "relation_holds": spatial["passed"] / max(1, spatial["passed"] + failed["relation"]),
         "exactly_two": 1 - failed["count"] / spatial["images"],
         "held_out": tasks.get("held_out", {}).get("score"),
+        "three_objects": tasks.get("three_objects", {}).get("score"),
     }
 
 
@@ -204,7 +205,8 @@ def write(out: Path, rows: list[dict], loss_rows: list[dict], buckets: int) -> N
         keys = list(table[0])
         lines = ["\t".join(keys)] + ["\t".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys) for r in table]
         path.write_text("\n".join(lines) + "\n")
-    names = [n for n in ("relation_holds", "spatial", "probe_unguided", "probe_guided", "single_object", "exactly_two", "held_out") if n in rows[0]]
+    names = [n for n in ("relation_holds", "spatial", "probe_unguided", "probe_guided", "single_object", "exactly_two", "held_out", "three_objects")
+             if n in rows[0]]
     accuracy = line_chart({n: [(r["step"], r[n]) for r in rows] for n in names}, "without layout guidance", "training steps")
     gaps = line_chart(
         {f"step {r['step']}": [(i, b["swap_gap"] * 1000) for i, b in enumerate(b for b in loss_rows if b["model"] == r["model"])][:buckets] for r in rows},

@@ -11,7 +11,8 @@ Prompt fidelity (in the manner of GenEval; shapes models only): the prompts of
 finds the objects in each image, and an image passes a task when every clause the task grades
 holds. A task's score is its fraction of passing images; "overall" is the mean over the distinct
 prompt sets on trained compositions (single objects, pairs, sizes; each graded on all its clauses,
-so no image counts twice), and the held-out compositions are reported beside it. The colour,
+so no image counts twice); the held-out compositions and the three-object prompts ("A rel B and C
+rel the B") are reported beside it. The colour,
 shape, two_objects and colour_binding rows grade the same images on fewer clauses and are shown,
 not averaged.
 

@@ -12,6 +12,8 @@ the prompts it uses and which clauses it grades; several tasks grade the same im
 
 Held-out compositions (colour-shape pairs and relation patterns that never occur in the training
 captions) come from dataset_info and form their own task, "held_out"; no other task uses them.
+Three-object prompts ("A rel B and C rel the B", the dataset's own skeleton) form "three_objects".
+Both are reported beside the overall, not in it.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class ExpectedRelation:
 class EvalPrompt:
     text: str
     objects: tuple[ExpectedObject, ...]
-    relation: ExpectedRelation | None = None
+    relations: tuple[ExpectedRelation, ...] = ()  # as the dataset states them: (0, rel, 1)[, (2, rel, 1)]
     held_out: tuple[str, ...] = ()  # which held-out compositions it contains ("pair: red triangle", ...)
 
     def to_dict(self) -> dict:
@@ -91,12 +93,16 @@ class Verdict:
 
 
 def make_prompt(
-    objects: list[tuple[str, str, str | None]], relation: str | None = None, held_out: tuple[str, ...] = ()
+    objects: list[tuple[str, str, str | None]], relations: tuple[str, ...] = (), held_out: tuple[str, ...] = ()
 ) -> EvalPrompt:
-    """[(colour, shape, size word or None)], relation between objects 0 and 1 -> the prompt, as the dataset words it."""
+    """[(colour, shape, size word or None)] and the relation words -> the prompt, as the dataset words it.
+
+    The dataset's skeleton: the first relation places object 0 against object 1, the second object 2
+    against object 1 ("a red circle left of a blue square and a green star above the blue square").
+    """
     scene_objects = tuple(SceneObject(s, c, size or "medium", (0.0, 0.0), 0.0) for c, s, size in objects)
-    relations = (Relation(0, relation, 1),) if relation else ()
-    text = caption(Scene(scene_objects, relations))
+    stated = tuple(ExpectedRelation(subject, word, 1) for subject, word in zip((0, 2), relations))
+    text = caption(Scene(scene_objects, tuple(Relation(r.subject, r.relation, r.reference) for r in stated)))
     # Word positions: walk the words; each mention is article, [size], colour, shape.
     words = text.split()
     expected, position = [], 0
@@ -109,8 +115,7 @@ def make_prompt(
             raise ValueError(f"prompt {text!r} does not read '{colour} {shape}' at word {position}")
         expected.append(ExpectedObject(colour, shape, size, found))
         position += 2
-    rel = ExpectedRelation(0, relation, 1) if relation else None
-    return EvalPrompt(text, tuple(expected), rel, held_out)
+    return EvalPrompt(text, tuple(expected), stated, held_out)
 
 
 @dataclass(frozen=True)
@@ -133,17 +138,18 @@ class Vocabulary:
             held_out_relations={parse_relation_pattern(p, shapes) for p in info.get("held_out_relations", [])},
         )
 
-    def held_out_in(self, objects: list[tuple[str, str, str | None]], relation: str | None) -> tuple[str, ...]:
+    def held_out_in(self, objects: list[tuple[str, str, str | None]], relations: tuple[str, ...] = ()) -> tuple[str, ...]:
         found = [f"pair: {c} {s}" for c, s, _ in objects if (c, s) in self.held_out_pairs]
-        if relation and (objects[0][1], relation, objects[1][1]) in self.held_out_relations:
-            found.append(f"relation: {objects[0][1]} {relation} {objects[1][1]}")
+        for subject, relation in zip((0, 2), relations):  # the skeleton of make_prompt
+            if (objects[subject][1], relation, objects[1][1]) in self.held_out_relations:
+                found.append(f"relation: {objects[subject][1]} {relation} {objects[1][1]}")
         return tuple(found)
 
 
 def single_prompts(vocab: Vocabulary) -> list[EvalPrompt]:
     """Every trained colour-shape pair: "a red circle", "a green square", ..."""
     pairs = [(c, s, None) for c in vocab.colours for s in vocab.shapes]
-    return [make_prompt([p]) for p in pairs if not vocab.held_out_in([p], None)]
+    return [make_prompt([p]) for p in pairs if not vocab.held_out_in([p])]
 
 
 def size_prompts(vocab: Vocabulary) -> list[EvalPrompt]:
@@ -152,7 +158,7 @@ def size_prompts(vocab: Vocabulary) -> list[EvalPrompt]:
     for i, colour in enumerate(vocab.colours):
         for j in range(len(vocab.shapes)):
             obj = (colour, vocab.shapes[(i + j) % len(vocab.shapes)], ("small", "large")[i % 2])
-            if not vocab.held_out_in([obj], None):
+            if not vocab.held_out_in([obj]):
                 prompts.append(make_prompt([obj]))
                 break
     return prompts
@@ -174,10 +180,32 @@ def pair_prompts(vocab: Vocabulary, count: int) -> list[EvalPrompt]:
         relation = RELATIONS[len(prompts) % len(RELATIONS)]
         objects = [(c1, s1, None), (c2, s2, None)]
         k += 1
-        if c1 == c2 or s1 == s2 or vocab.held_out_in(objects, relation) or (c1, s1, c2, s2) in seen:
+        if c1 == c2 or s1 == s2 or vocab.held_out_in(objects, (relation,)) or (c1, s1, c2, s2) in seen:
             continue
         seen.add((c1, s1, c2, s2))
-        prompts.append(make_prompt(objects, relation))
+        prompts.append(make_prompt(objects, (relation,)))
+    return prompts
+
+
+def three_object_prompts(vocab: Vocabulary) -> list[EvalPrompt]:
+    """"A rel B and C rel the B": one prompt per pair of relation words (16 for four relations), three
+    colours and three shapes all different, none held out.
+
+    Deterministic: the k-th prompt takes three consecutive colours from colour k and three consecutive
+    shapes from shape k, so every colour and shape takes every role; held-out compositions are skipped
+    by shifting on.
+    """
+    colours, shapes = vocab.colours, vocab.shapes
+    if len(colours) < 3 or len(shapes) < 3:
+        return []
+    prompts = []
+    for k, words in enumerate(product(RELATIONS, RELATIONS)):
+        for shift in range(len(colours) * len(shapes)):  # the first choice with nothing held out
+            c, s = k + shift, k + shift // len(colours)
+            objects = [(colours[(c + i) % len(colours)], shapes[(s + i) % len(shapes)], None) for i in range(3)]
+            if not vocab.held_out_in(objects, words):
+                prompts.append(make_prompt(objects, words))
+                break
     return prompts
 
 
@@ -187,12 +215,12 @@ def held_out_prompts(vocab: Vocabulary) -> list[EvalPrompt]:
     others = [(c, s) for c in vocab.colours for s in vocab.shapes if (c, s) not in vocab.held_out_pairs]
     for i, (colour, shape) in enumerate(sorted(vocab.held_out_pairs)):
         alone = [(colour, shape, None)]
-        prompts.append(make_prompt(alone, held_out=vocab.held_out_in(alone, None)))
+        prompts.append(make_prompt(alone, held_out=vocab.held_out_in(alone)))
         partner = next((o for o in others[i * 5 :] + others if o[0] != colour and o[1] != shape), None)
         if partner:
-            relation = RELATIONS[i % len(RELATIONS)]
+            relations = (RELATIONS[i % len(RELATIONS)],)
             objects = [(colour, shape, None), (*partner, None)]
-            prompts.append(make_prompt(objects, relation, vocab.held_out_in(objects, relation)))
+            prompts.append(make_prompt(objects, relations, vocab.held_out_in(objects, relations)))
     for i, (s1, relation, s2) in enumerate(sorted(vocab.held_out_relations)):
         colourings = [
             (c1, c2) for c1 in vocab.colours for c2 in vocab.colours
@@ -200,21 +228,23 @@ def held_out_prompts(vocab: Vocabulary) -> list[EvalPrompt]:
         ]
         for c1, c2 in colourings[i :: max(1, len(colourings) // 2)][:2]:
             objects = [(c1, s1, None), (c2, s2, None)]
-            prompts.append(make_prompt(objects, relation, vocab.held_out_in(objects, relation)))
+            prompts.append(make_prompt(objects, (relation,), vocab.held_out_in(objects, (relation,))))
     return prompts
 
 
 def build_tasks(info: dict, quick: bool = False, num_pairs: int = 16) -> list[Task]:
     """The evaluation tasks for a shapes dataset described by its dataset_info.json.
 
-    quick: a handful of prompts per task (two single, one size, two pairs, two held-out), for tests.
+    quick: a handful of prompts per task (two single, one size, two pairs, two held-out, one
+    three-object), for tests.
     """
     vocab = Vocabulary.from_info(info)
     single, sizes = single_prompts(vocab), size_prompts(vocab)
     pairs, held_out = pair_prompts(vocab, 2 if quick else num_pairs), held_out_prompts(vocab)
+    triples = three_object_prompts(vocab)
     if quick:
-        single, sizes = single[:: max(1, len(single) // 2)][:2], sizes[:1]
-        held_out = held_out[:1] + [p for p in held_out[1:] if p.relation][:1]
+        single, sizes, triples = single[:: max(1, len(single) // 2)][:2], sizes[:1], triples[:1]
+        held_out = held_out[:1] + [p for p in held_out[1:] if p.relations][:1]
     tasks = [
         Task("single_object", "one object of the named colour and shape", "all", single),
         Task("colour", "one object of the named colour (same images as single_object)", "colour", single),
@@ -224,6 +254,7 @@ def build_tasks(info: dict, quick: bool = False, num_pairs: int = 16) -> list[Ta
         Task("spatial", "two objects, each in its colour, in the named relation", "all", pairs),
         Task("size", "one object of the named size class (small / large), colour and shape", "all", sizes),
         Task("held_out", "compositions absent from the training captions (pairs and relations)", "all", held_out),
+        Task("three_objects", "three objects, each in its colour, in both named relations", "all", triples),
     ]
     return [t for t in tasks if t.prompts]
 
@@ -246,7 +277,7 @@ def match_objects(prompt: EvalPrompt, detections: list[Detection], aspect: str) 
     """A one-to-one assignment of expected objects to detections that fit them, as complete as possible.
 
     Each expected object may take any detection that fits it (or none); every combination is tried
-    (prompts hold at most 3 objects). Preferred: the most objects matched, then the relation holding,
+    (prompts hold at most 3 objects). Preferred: the most objects matched, then the most relations holding,
     then the largest matched area, then the earliest detections.
     """
     options = [
@@ -258,9 +289,9 @@ def match_objects(prompt: EvalPrompt, detections: list[Detection], aspect: str) 
         if len(used) != len(set(used)):
             continue
         complete = len(used) == len(assignment)
-        relation_ok = complete and prompt.relation is not None and relation_holds(prompt.relation, assignment, detections)
+        holding = sum(relation_holds(r, assignment, detections) for r in prompt.relations) if complete else 0
         area = sum(detections[d].area for d in used)
-        key = (len(used), relation_ok, area)
+        key = (len(used), holding, area)
         if best_key is None or key > best_key:  # ties: the first in detection order
             best, best_key = list(assignment), key
     return best
@@ -295,8 +326,9 @@ def check(prompt: EvalPrompt, detections: list[Detection], aspect: str) -> Verdi
     missing = [o for o, d in zip(prompt.objects, matched) if d is None]
     if missing:
         return Verdict(False, f"no {', no '.join(wanted(o, aspect) for o in missing)} (found: {found})", "object", matched)
-    if aspect == "all" and prompt.relation is not None and not relation_holds(prompt.relation, matched, detections):
-        rel = prompt.relation
+    broken = [r for r in prompt.relations if not relation_holds(r, matched, detections)] if aspect == "all" else []
+    if broken:
+        rel = broken[0]
         axis = "x" if RELATION_AXES[rel.relation][0] == 0 else "y"
         subject, reference = (detections[matched[k]] for k in (rel.subject, rel.reference))
         return Verdict(

@@ -107,6 +107,9 @@ def fidelity_markdown(fidelity: dict, relation_margin_px: float) -> list[str]:
             f"relations {fmt(t.get('score_relations'))}) | {t['score']:.3f} | {t['passed']} / {t['images']} "
             f"| {failed_on(t)} |"
         )
+    if "three_objects" in tasks:
+        t = tasks["three_objects"]
+        lines.append(f"| three_objects | {t['description']} | {t['score']:.3f} | {t['passed']} / {t['images']} | {failed_on(t)} |")
     lines += [
         "",
         f"An image passes when it holds exactly the prompt's number of objects and every graded clause holds; "

@@ -2,13 +2,14 @@
 
 import json
 import shutil
+from itertools import product
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from diffusion.data.shapes import SceneObject, dataset_info, render_scene
+from diffusion.data.shapes import SceneObject, dataset_info, describe, render_scene
 from diffusion.config import ShapesConfig
 from diffusion.evaluation.cli import main
 from diffusion.evaluation.detector import DetectorSettings, detect
@@ -16,11 +17,12 @@ from diffusion.evaluation.fidelity import ImageRecord, evaluate_fidelity
 from diffusion.evaluation.localisation import score_map, score_uniform
 from diffusion.evaluation.prompts import Task, build_tasks, check
 from diffusion.evaluation.report import TILE_WIDTH, failure_grid
+from diffusion.text.relations import RELATIONS
 from diffusion.training.loop import train
 
 from conftest import tiny_config
 
-TASKS = ["single_object", "colour", "shape", "two_objects", "colour_binding", "spatial", "size", "held_out"]
+TASKS = ["single_object", "colour", "shape", "two_objects", "colour_binding", "spatial", "size", "held_out", "three_objects"]
 
 
 def in_unit_interval(value):
@@ -46,7 +48,7 @@ def test_files_tasks_and_baselines(quick_eval):
     assert {"model", "settings", "fidelity", "localisation", "per_image"} <= set(results)
     fidelity = results["fidelity"]
     assert fidelity["applies"] and list(fidelity["tasks"]) == TASKS
-    assert in_unit_interval(fidelity["overall"]) and "held_out" not in fidelity["overall_over"]
+    assert in_unit_interval(fidelity["overall"])
     # The overall counts each distinct prompt set once: clause-only rows grade the same images again.
     assert set(fidelity["overall_over"]) == {"single_object", "spatial", "size"}
     assert fidelity["overall"] == pytest.approx(
@@ -63,7 +65,8 @@ def test_files_tasks_and_baselines(quick_eval):
         for summary in kinds.values():
             assert in_unit_interval(summary["pointing"]) and all(in_unit_interval(v) for v in summary["miou"].values())
     markdown = (quick_eval / "results.md").read_text()
-    assert "| **overall** |" in markdown and "baseline: uniform map" in markdown and "held_out" in markdown
+    assert "| **overall** |" in markdown and "baseline: uniform map" in markdown
+    assert "| held_out |" in markdown and "| three_objects |" in markdown
     images = sorted(p.name for p in (quick_eval / "samples").glob("*.png"))
     assert len(images) == results["images"] == len(results["per_image"])
     assert all((quick_eval / "samples" / n).with_suffix(".attn").joinpath("maps.npz").is_file() for n in images)
@@ -118,16 +121,38 @@ def test_grading_on_rendered_scenes():
     info = dataset_info(ShapesConfig(num_train=0, num_test=0), num_test_held_out=0)
     tasks = {t.name: t for t in build_tasks(info)}
     prompt = tasks["spatial"].prompts[0]  # "a red circle left of a green square"
-    assert prompt.relation.relation == "left of"
+    assert [r.relation for r in prompt.relations] == ["left of"]
     a, b = prompt.objects
     assert check(prompt, detect(two_object_scene((a.shape, a.colour), (b.shape, b.colour), 8.0)), "all").passed
     verdict = check(prompt, detect(two_object_scene((a.shape, a.colour), (b.shape, b.colour), 24.0)), "all")
-    assert not verdict.passed and verdict.clause == "relation" and f"not {prompt.relation.relation}" in verdict.reason
+    assert not verdict.passed and verdict.clause == "relation" and f"not {prompt.relations[0].relation}" in verdict.reason
     image = two_object_scene((a.shape, b.colour), (b.shape, a.colour), 8.0)  # colours swapped between the shapes
     assert check(prompt, detect(image), "shapes").passed and not check(prompt, detect(image), "binding").passed
     held = tasks["held_out"].prompts
     assert {"a red triangle", "a blue star"} <= {p.text for p in held}
-    assert all(p.held_out for p in held) and not any(p.held_out for t in TASKS[:-1] for p in tasks[t].prompts)
+    assert all(p.held_out for p in held) and not any(p.held_out for t in TASKS if t != "held_out" for p in tasks[t].prompts)
+
+
+def test_three_object_prompts_follow_the_dataset_and_grade_both_relations():
+    info = dataset_info(ShapesConfig(num_train=0, num_test=0), num_test_held_out=0)
+    prompts = next(t for t in build_tasks(info) if t.name == "three_objects").prompts
+    # One prompt per pair of relation words, three different colours and shapes, nothing held out.
+    assert sorted((p.relations[0].relation, p.relations[1].relation) for p in prompts) == sorted(product(RELATIONS, RELATIONS))
+    for p in prompts:
+        assert len({o.colour for o in p.objects}) == len({o.shape for o in p.objects}) == 3 and not p.held_out
+        a, b, c = (describe(SceneObject(o.shape, o.colour, "medium", (0, 0), 0)) for o in p.objects)
+        rel_ab, rel_cb = (r.relation for r in p.relations)
+        assert p.text == f"{a} {rel_ab} {b} and {c} {rel_cb} the {b.split(' ', 1)[1]}"  # the dataset's wording
+    prompt = next(p for p in prompts if [r.relation for r in p.relations] == ["left of", "above"])
+    a, b, c = ((o.shape, o.colour) for o in prompt.objects)
+
+    def scene(c_y):  # A left of B; C above B at c_y = 5, below it at c_y = 26
+        placed = [(a, (6.0, 16.0)), (b, (20.0, 16.0)), (c, (20.0, c_y))]
+        return render_scene([SceneObject(*o, "medium", centre, 4.5) for o, centre in placed], 32)[0]
+
+    assert check(prompt, detect(scene(5.0)), "all").passed
+    verdict = check(prompt, detect(scene(26.0)), "all")
+    assert not verdict.passed and verdict.clause == "relation" and "not above" in verdict.reason
 
 
 def test_fidelity_and_failure_grid_on_rendered_scenes(tmp_path):
@@ -147,7 +172,7 @@ def test_fidelity_and_failure_grid_on_rendered_scenes(tmp_path):
     task = fidelity["tasks"]["spatial"]
     assert task["score"] == fidelity["overall"] == 0.5 and task["failed_on"] == {"count": 0, "object": 0, "relation": 1}
     assert not records[0].failed and records[1].failed
-    assert f"not {prompt.relation.relation}" in records[1].verdicts["spatial"]["reason"]
+    assert f"not {prompt.relations[0].relation}" in records[1].verdicts["spatial"]["reason"]
     assert records[1].to_dict(tmp_path)["image"] == "seed1.png"
 
     grid = tmp_path / "failures.png"
@@ -256,4 +281,4 @@ def test_a_model_is_judged_by_the_held_out_compositions_of_the_data_it_trained_o
     then, source = shapes_info(cfg, model)
     assert then["held_out_relations"] == ["star left of circle"] and source == str(older / "dataset_info.json")
     held_out = next(task for task in build_tasks(then) if task.name == "held_out")
-    assert any(p.relation and p.text.split()[2:5] == ["star", "left", "of"] for p in held_out.prompts)
+    assert any(p.relations and p.text.split()[2:5] == ["star", "left", "of"] for p in held_out.prompts)
