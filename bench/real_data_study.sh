@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# What helps most on a dataset of your own in a fixed time budget: train one run per variant for the
+# same minutes (the README's "your own data" command plus the variant's overrides), evaluate each with
+# the same captions, seeds and judge (the dataset's own tiny CLIP, shared by every variant), then print
+# one table. Runs one after another: run it alone, since other jobs on the same cores slow training.
+#
+#   DATA=path/to/images bash bench/real_data_study.sh                 (10 minutes per variant)
+#   DATA=path/to/images MINUTES=30 SEEDS=2 VARIANTS="default frozen-text" bash bench/real_data_study.sh
+#
+# Runs go to outputs/runs/study-<minutes>min-<variant>, evaluations to outputs/eval/ beside them;
+# a run folder that exists already is evaluated as it is, not trained again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${DATA:?set DATA to a dataset folder or Hub id}"
+MINUTES=${MINUTES:-10}
+CAPTIONS=${CAPTIONS:-100}
+SEEDS=${SEEDS:-1}
+
+overrides() {  # a variant's config overrides
+  case $1 in
+    default) echo "" ;;
+    frozen-text) echo "train.text_encoder_lr=0" ;;
+    wide) echo "unet.base_channels=64" ;;  # twice the width: 4x the convolutions' work per step
+    64px) echo "data.image_size=64 unet.channel_mults=[1,1,2,4]" ;;  # the default's levels, a 32-channel one above
+    min-snr) echo "train.min_snr_gamma=5" ;;  # Min-SNR loss weighting (Hang et al. 2023)
+    *) echo "unknown variant $1" >&2; exit 2 ;;
+  esac
+}
+
+runs=()
+for variant in ${VARIANTS:-default frozen-text min-snr wide 64px}; do
+  run=outputs/runs/study-${MINUTES}min-$variant
+  extra=$(overrides "$variant")
+  if [ ! -d "$run" ]; then
+    # shellcheck disable=SC2086  # the overrides are separate words
+    python train.py data.dataset="$DATA" data.test_fraction=0.1 train.max_minutes="$MINUTES" $extra \
+      --output-dir "$run" --no-progress
+  fi
+  python -m diffusion.evaluation --model "$run" --captions "$CAPTIONS" --seeds "$SEEDS" --no-progress
+  runs+=("$run")
+done
+python bench/real_data_table.py "${runs[@]}"
