@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import product
 
 from diffusion.evaluation.detector import Detection
-from diffusion.data.shapes import Relation, Scene, SceneObject, caption
+from diffusion.data.shapes import Scene, SceneObject, caption, stated_relations
 from diffusion.data.vocabulary import parse_pair, parse_relation_pattern
 from diffusion.text.relations import RELATION_AXES, RELATIONS
 
@@ -97,12 +97,12 @@ def make_prompt(
 ) -> EvalPrompt:
     """[(colour, shape, size word or None)] and the relation words -> the prompt, as the dataset words it.
 
-    The dataset's skeleton: the first relation places object 0 against object 1, the second object 2
-    against object 1 ("a red circle left of a blue square and a green star above the blue square").
+    The dataset's skeleton (`stated_relations`): the first relation places object 0 against object 1,
+    the second object 2 ("a red circle left of a blue square and a green star above the blue square").
     """
     scene_objects = tuple(SceneObject(s, c, size or "medium", (0.0, 0.0), 0.0) for c, s, size in objects)
-    stated = tuple(ExpectedRelation(subject, word, 1) for subject, word in zip((0, 2), relations))
-    text = caption(Scene(scene_objects, tuple(Relation(r.subject, r.relation, r.reference) for r in stated)))
+    scene_relations = stated_relations(relations)
+    text = caption(Scene(scene_objects, scene_relations))
     # Word positions: walk the words; each mention is article, [size], colour, shape.
     words = text.split()
     expected, position = [], 0
@@ -115,6 +115,7 @@ def make_prompt(
             raise ValueError(f"prompt {text!r} does not read '{colour} {shape}' at word {position}")
         expected.append(ExpectedObject(colour, shape, size, found))
         position += 2
+    stated = tuple(ExpectedRelation(r.subject, r.relation, r.reference) for r in scene_relations)
     return EvalPrompt(text, tuple(expected), stated, held_out)
 
 
@@ -140,9 +141,10 @@ class Vocabulary:
 
     def held_out_in(self, objects: list[tuple[str, str, str | None]], relations: tuple[str, ...] = ()) -> tuple[str, ...]:
         found = [f"pair: {c} {s}" for c, s, _ in objects if (c, s) in self.held_out_pairs]
-        for subject, relation in zip((0, 2), relations):  # the skeleton of make_prompt
-            if (objects[subject][1], relation, objects[1][1]) in self.held_out_relations:
-                found.append(f"relation: {objects[subject][1]} {relation} {objects[1][1]}")
+        for r in stated_relations(relations):
+            pattern = (objects[r.subject][1], r.relation, objects[r.reference][1])
+            if pattern in self.held_out_relations:
+                found.append(f"relation: {' '.join(pattern)}")
         return tuple(found)
 
 
