@@ -116,9 +116,6 @@ class TinyClipConfig:
     warmup_steps: int = 30
     weight_decay: float = 0.1
     seed: int = 0
-    # Each caption that states a relation ("left of", "above", ...) also meets its reversed twin as a
-    # negative, so the tower must keep which side each object is on (off: a bag of words suffices).
-    relation_twins: bool = False
     retrieval_pairs: int = 100  # held-out pairs with distinct captions for the retrieval metric
 
 
@@ -296,6 +293,7 @@ RETIRED: dict[tuple[str, ...], Any] = {
     ("train", "grounding_pure_noise_weight"): 0.0,
     ("text_encoder", "tiny_clip", "hard_negative_groups"): [],
     ("text_encoder", "input_embeddings"): False,
+    ("text_encoder", "tiny_clip", "relation_twins"): False,
 }
 
 

@@ -72,19 +72,3 @@ def stated_relations(words: list[str]) -> list[StatedRelation]:
         if subject and reference:
             relations.append(StatedRelation(subject, reference, axis, subject_first))
     return relations
-
-
-def reversed_twins(caption: str) -> list[str]:
-    """False twins of a caption: one per relation phrase it states, with that relation reversed
-    ("a red circle left of a blue square" -> "... right of ..."). The same words, another scene."""
-    words = caption.split()
-    plain = [w.strip(".,;:!?").lower() for w in words]
-    twins = []
-    for i in range(len(plain)):
-        match = _match_phrase(plain, i)
-        if match is None:
-            continue
-        # Opposite phrases share their tail ("left of" / "right of"), so the first word is the one to swap.
-        opposite = CONVERSE[" ".join(match[0])].split()[0]
-        twins.append(" ".join(words[:i] + [opposite] + words[i + 1 :]))
-    return twins

@@ -28,7 +28,6 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, C
 from diffusion.config import TinyClipConfig
 from diffusion.data.folder import CaptionedImageFolder
 from diffusion.files import atomic_dir
-from diffusion.text.relations import reversed_twins
 from diffusion.text.tokenizer import train_clip_tokenizer
 
 INFO_FILE = "tiny_clip_info.json"
@@ -92,46 +91,23 @@ def tokenize_all(tokenizer: CLIPTokenizer, captions: list[str], max_length: int)
     return encoded["input_ids"], encoded["attention_mask"]
 
 
-def contrastive_loss(
-    logits_per_text: torch.Tensor,
-    caption_ids: torch.Tensor,
-    row_ids: torch.Tensor,
-    text_caption_ids: torch.Tensor | None = None,
-    text_row_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
+def contrastive_loss(logits_per_text: torch.Tensor, caption_ids: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
     """CLIP's symmetric InfoNCE, where images of the same caption and captions of the same image all count
     as matches (two captions of one row describe the same picture: neither is the other's negative).
 
-    logits_per_text: (N, B) scaled cosine similarities, text i against image j; the first B texts are
-    the images' own captions, any further ones are extra negatives (false twins) that only take part in
-    image -> text. caption_ids: (B,) an id per distinct caption; row_ids: (B,) the folder row of each
-    pair; text_caption_ids / text_row_ids: (N,) the same for every text (default: the images' own).
+    logits_per_text: (B, B) scaled cosine similarities, text i against image j.
+    caption_ids: (B,) an id per distinct caption; row_ids: (B,) the folder row of each pair.
     """
-    text_caption_ids = caption_ids if text_caption_ids is None else text_caption_ids
-    text_row_ids = row_ids if text_row_ids is None else text_row_ids
-    batch = len(caption_ids)
-    same_caption = text_caption_ids[:, None] == caption_ids[None, :]  # (N, B)
-    same_image = text_row_ids[:, None] == row_ids[None, :]  # (N, B)
-    positives = (same_caption | same_image).float()  # (N, B)
-    # 1. Text -> image: each of the B captions picks its images among the batch's B images.
-    own = positives[:batch]  # (B, B)
-    text_to_image = F.cross_entropy(logits_per_text[:batch], own / own.sum(dim=1, keepdim=True))
-    # 2. Image -> text: each image picks its caption among all N texts.
-    image_to_text = F.cross_entropy(logits_per_text.T, (positives / positives.sum(dim=0, keepdim=True)).T)
+    same_caption = caption_ids[:, None] == caption_ids[None, :]  # (B, B)
+    same_image = row_ids[:, None] == row_ids[None, :]  # (B, B)
+    positives = (same_caption | same_image).float()  # (B, B)
+    targets = positives / positives.sum(dim=1, keepdim=True)  # (B, B), rows sum to 1; symmetric matrix
+    # 1. Text -> image: each caption picks its images among the batch's B images.
+    text_to_image = F.cross_entropy(logits_per_text, targets)
+    # 2. Image -> text: each image picks its caption among the B texts.
+    image_to_text = F.cross_entropy(logits_per_text.T, targets)
     return (text_to_image + image_to_text) / 2
 
-
-def with_twins(
-    captions: list[str], caption_ids: torch.Tensor, row_ids: torch.Tensor, id_of_caption: dict[str, int]
-) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """The batch's captions followed by their relation-reversed twins, with each text's caption id and
-    row (-1 - k for a twin: no image's row). A twin that is another training caption keeps its id, so it
-    counts as a match for that caption's images."""
-    twins = [twin for caption in captions for twin in reversed_twins(caption)]
-    unknown = iter(range(-1, -len(twins) - 1, -1))
-    twin_ids = torch.tensor([id_of_caption.get(twin, next(unknown)) for twin in twins], dtype=torch.long)
-    twin_rows = -1 - torch.arange(len(twins))
-    return captions + twins, torch.cat([caption_ids, twin_ids]), torch.cat([row_ids, twin_rows])
 
 
 def lr_at(step: int, cfg: TinyClipConfig) -> float:
@@ -193,17 +169,8 @@ def train_steps(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         ids, mask = input_ids[index], attention_mask[index]  # (B, T), (B, T)
-        if cfg.relation_twins:
-            # Each caption that states a relation also meets its reversed twin as a negative: (N, T), N >= B.
-            texts, text_ids, text_rows = with_twins(
-                [pairs.captions[i] for i in index.tolist()], caption_ids[index], pairs.rows[index], id_of_caption
-            )
-            ids, mask = tokenize_all(tokenizer, texts, cfg.max_length)
-            logits = batch_logits(model, ids, mask, pairs.pixel_values(index))  # (N, B)
-            loss = contrastive_loss(logits, caption_ids[index], pairs.rows[index], text_ids, text_rows)
-        else:
-            logits = batch_logits(model, ids, mask, pairs.pixel_values(index))  # (B, B)
-            loss = contrastive_loss(logits, caption_ids[index], pairs.rows[index])
+        logits = batch_logits(model, ids, mask, pairs.pixel_values(index))  # (B, B)
+        loss = contrastive_loss(logits, caption_ids[index], pairs.rows[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -314,11 +281,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="folder to save the CLIP model and tokenizer to")
     defaults = TinyClipConfig()
     for name, value in asdict(defaults).items():
-        flag = f"--{name.replace('_', '-')}"
-        if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        elif not isinstance(value, list):
-            parser.add_argument(flag, type=type(value), default=value)
+        if not isinstance(value, list):
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--caption-column", default="text", help="the metadata column of the captions (default text)")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args()

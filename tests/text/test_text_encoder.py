@@ -16,7 +16,7 @@ from transformers import CLIPModel, CLIPTokenizer
 from diffusion.training.text_states import TextStateCache, TunedTextStates
 from diffusion.text.encoder import TextEncoder, TextEncoderLoadError
 from diffusion.config import TinyClipConfig
-from diffusion.text.tiny_clip import build_clip_config, contrastive_loss, retrieval_accuracy, train_tiny_clip, with_twins
+from diffusion.text.tiny_clip import build_clip_config, contrastive_loss, retrieval_accuracy, train_tiny_clip
 from diffusion.text.tokenizer import END_OF_WORD, byte_alphabet, train_clip_tokenizer
 
 CAPTIONS = [
@@ -272,19 +272,3 @@ def test_two_captions_of_one_image_are_matches_not_negatives():
     logits.grad = None
     contrastive_loss(logits, caption_ids, torch.tensor([0, 1, 2])).backward()
     assert logits.grad[1, 0] > 0 and logits.grad[1, 1] < 0
-
-
-def test_a_reversed_twin_is_a_negative_of_its_image_unless_it_is_another_caption():
-    captions = ["a red circle left of a blue square", "a blue square left of a red circle", "a red circle"]
-    id_of_caption = {caption: i for i, caption in enumerate(captions)}
-    # The batch: images 0 and 2 with their captions; caption 1 is in the training set, not in the batch.
-    texts, text_ids, text_rows = with_twins([captions[0], captions[2]], torch.tensor([0, 2]), torch.tensor([0, 2]), id_of_caption)
-    assert texts == [captions[0], captions[2], "a red circle right of a blue square"]
-    assert text_ids[2] < 0 and text_rows[2] < 0  # unknown caption: a negative of every image
-    logits = torch.zeros(3, 2, requires_grad=True)  # text i against image j
-    contrastive_loss(logits, torch.tensor([0, 2]), torch.tensor([0, 2]), text_ids, text_rows).backward()
-    assert logits.grad[2, 0] > 0 and logits.grad[0, 0] < 0  # raising the twin's score for image 0 costs
-    # A twin that is another training caption keeps that caption's id: a match for that caption's images.
-    _, text_ids, _ = with_twins(["a blue square right of a red circle"], torch.tensor([5]), torch.tensor([5]),
-                                {**id_of_caption, "a blue square left of a red circle": 1})
-    assert text_ids.tolist() == [5, 1]
