@@ -176,9 +176,6 @@ class TrainConfig:
     mixed_precision: str = "auto"
     caption_dropout: float = ranged(0.1, ge=0, lt=1)
     min_snr_gamma: float = ranged(0.0, ge=0, note="0: off")  # 0 turns min-SNR weighting off; 5 is the paper's value
-    # Share of each batch trained at the noisiest tenth of the timesteps (the rest uniform over all of them),
-    # where the text alone must say where things go; 0: every timestep uniform.
-    high_noise_share: float = ranged(0.0, ge=0, lt=1)
     # Weight of the grounding loss (diffusion.training.grounding): each caption word's cross-attention kept on the
     # object it names. Needs masks and word_objects in the dataset (the shapes dataset has them); 0: off.
     grounding_weight: float = ranged(0.1, ge=0, note="0 turns the grounding loss off")
@@ -297,6 +294,7 @@ RETIRED: dict[tuple[str, ...], Any] = {
     ("text_encoder", "tiny_clip", "hard_negative_groups"): [],
     ("text_encoder", "input_embeddings"): False,
     ("text_encoder", "tiny_clip", "relation_twins"): False,
+    ("train", "high_noise_share"): 0.0,
 }
 
 

@@ -117,9 +117,7 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
             images, caption_rows, grounding = batch_inputs(batch, text.states, data.token_objects, t, accelerator.device)
             with accelerator.accumulate(*trained_models):
                 context, context_mask = text.states.lookup(caption_rows, accelerator.device)  # (B, T, D), (B, T)
-                terms = diffusion_loss(
-                    unet, noise_scheduler, images, context, context_mask, t.min_snr_gamma, grounding, t.high_noise_share
-                )
+                terms = diffusion_loss(unet, noise_scheduler, images, context, context_mask, t.min_snr_gamma, grounding)
                 loss = terms.diffusion if terms.grounding is None else terms.diffusion + t.grounding_weight * terms.grounding
                 if not torch.isfinite(loss):
                     raise diverged(loss, step, run_dir)

@@ -56,18 +56,6 @@ def noised(
     return noisy, scheduler.get_velocity(images, noise, timesteps)
 
 
-HIGH_NOISE = 0.9  # "high noise": the last tenth of the timesteps, where the layout is decided
-
-
-def sample_timesteps(num_timesteps: int, batch: int, high_noise_share: float, device: torch.device | str) -> torch.Tensor:
-    """(batch,) timesteps, uniform over [0, T); the first round(high_noise_share * batch) of them uniform
-    over the noisiest tenth [0.9 T, T) instead."""
-    timesteps = torch.randint(0, num_timesteps, (batch,), device=device)
-    high = round(high_noise_share * batch)
-    timesteps[:high] = torch.randint(int(HIGH_NOISE * num_timesteps), num_timesteps, (high,), device=device)
-    return timesteps
-
-
 class LossTerms(NamedTuple):
     diffusion: torch.Tensor  # scalar
     grounding: torch.Tensor | None  # scalar, when grounding targets were given
@@ -81,13 +69,12 @@ def diffusion_loss(
     context_mask: torch.Tensor,
     min_snr_gamma: float = 0.0,
     grounding: Grounding | None = None,
-    high_noise_share: float = 0.0,
 ) -> LossTerms:
     """Mean squared error of the UNet's prediction on noised `images` (B, C, H, W) in [-1, 1];
     with `grounding`, also the grounding loss of its cross-attention (diffusion.training.grounding)."""
     b = images.shape[0]
     # 1. A random timestep and Gaussian noise per image; 2. the noisy images and the target.
-    timesteps = sample_timesteps(scheduler.config.num_train_timesteps, b, high_noise_share, images.device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=images.device)
     noisy, target = noised(scheduler, images, torch.randn_like(images), timesteps)
     recorder = None
     if grounding is not None:
