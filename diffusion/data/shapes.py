@@ -89,10 +89,10 @@ def relation_skeleton(num_objects: int, rng: np.random.Generator) -> tuple[Relat
 
     Object 1 (B) is the shared reference, so every object takes part in a stated relation.
     """
-    return stated_relations([RELATIONS[k] for k in rng.integers(len(RELATIONS), size=num_objects - 1)])
+    return skeleton_relations([RELATIONS[k] for k in rng.integers(len(RELATIONS), size=num_objects - 1)])
 
 
-def stated_relations(words: list[str] | tuple[str, ...]) -> tuple[Relation, ...]:
+def skeleton_relations(words: list[str] | tuple[str, ...]) -> tuple[Relation, ...]:
     """The skeleton's relations for these relation words: object 0, then object 2, each against object 1."""
     return tuple(Relation(subject, word, 1) for subject, word in zip((0, 2), words))
 

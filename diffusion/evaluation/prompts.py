@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import product
 
 from diffusion.evaluation.detector import Detection
-from diffusion.data.shapes import Scene, SceneObject, caption, stated_relations
+from diffusion.data.shapes import Scene, SceneObject, caption, skeleton_relations
 from diffusion.data.vocabulary import parse_pair, parse_relation_pattern
 from diffusion.text.relations import RELATION_AXES, RELATIONS
 
@@ -97,11 +97,11 @@ def make_prompt(
 ) -> EvalPrompt:
     """[(colour, shape, size word or None)] and the relation words -> the prompt, as the dataset words it.
 
-    The dataset's skeleton (`stated_relations`): the first relation places object 0 against object 1,
+    The dataset's skeleton (`skeleton_relations`): the first relation places object 0 against object 1,
     the second object 2 ("a red circle left of a blue square and a green star above the blue square").
     """
     scene_objects = tuple(SceneObject(s, c, size or "medium", (0.0, 0.0), 0.0) for c, s, size in objects)
-    scene_relations = stated_relations(relations)
+    scene_relations = skeleton_relations(relations)
     text = caption(Scene(scene_objects, scene_relations))
     # Word positions: walk the words; each mention is article, [size], colour, shape.
     words = text.split()
@@ -141,7 +141,7 @@ class Vocabulary:
 
     def held_out_in(self, objects: list[tuple[str, str, str | None]], relations: tuple[str, ...] = ()) -> tuple[str, ...]:
         found = [f"pair: {c} {s}" for c, s, _ in objects if (c, s) in self.held_out_pairs]
-        for r in stated_relations(relations):
+        for r in skeleton_relations(relations):
             pattern = (objects[r.subject][1], r.relation, objects[r.reference][1])
             if pattern in self.held_out_relations:
                 found.append(f"relation: {' '.join(pattern)}")
