@@ -44,8 +44,6 @@ class ShapesConfig:
     held_out_pairs: list[str] = field(default_factory=lambda: ["red triangle", "blue star"])
     # A relation pattern is held out in both phrasings (no training caption says "square below circle" either).
     held_out_relations: list[str] = field(default_factory=lambda: ["circle above square"])
-    # Train captions state each relation both ways ("A left of B", "B right of A"), one phrasing drawn per step.
-    converse_captions: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -297,6 +295,7 @@ RETIRED: dict[tuple[str, ...], Any] = {
     ("text_encoder", "input_embeddings"): False,
     ("text_encoder", "tiny_clip", "relation_twins"): False,
     ("train", "high_noise_share"): 0.0,
+    ("data", "shapes", "converse_captions"): False,
 }
 
 

@@ -116,19 +116,8 @@ def row_captions(row: dict, caption_column: str) -> tuple[str, ...]:
 
 GROUNDING_FORMAT = (
     "a 'mask_file' (a PNG whose pixel value k marks object k, 0 the background) and 'word_objects' "
-    "(for each whitespace-separated caption word, the object k it names, or 0; a row with several "
-    "captions gives one such list per caption)"
+    "(for each whitespace-separated caption word, the object k it names, or 0)"
 )
-
-
-def check_word_objects(caption: str, objects: object) -> None:
-    """BadRow unless objects lists one object id (0-255) per whitespace-separated word of caption."""
-    words = caption.split()
-    if not (isinstance(objects, list) and len(objects) == len(words) and all(isinstance(k, int) and 0 <= k < 256 for k in objects)):
-        raise BadRow(
-            "bad word_objects",
-            f"has word_objects {objects!r} for {caption!r}, which must list one object id (0-255) per caption word ({len(words)} words)",
-        )
 
 
 def load_mask(path: Path, size: int) -> np.ndarray:
@@ -188,7 +177,6 @@ class CaptionedImageFolder(Dataset):
     With masks=True every row must also ground its caption (for the grounding loss): a mask PNG
     with one id per object and, per caption word, the id of the object it names, e.g.
         {"file_name": "images/0.png", "text": "a red circle", "mask_file": "masks/0.png", "word_objects": [0, 1, 1]}
-    A row with several captions gives word_objects per caption: [[0, 1, 1], [0, 1]] for ["a red circle", "a circle"].
 
     hflip is off by default because captions speak of left and right and a mirrored image
     would make them false. With hflip=True an item is mirrored with probability 0.5 (torch's
@@ -222,7 +210,7 @@ class CaptionedImageFolder(Dataset):
         lines = self.read_metadata_lines()
         self.rows: list[dict] = []  # raw metadata of the kept rows, e.g. ground-truth objects
         self.caption_sets: list[tuple[str, ...]] = []  # each row's captions: one, or several to draw from
-        self.word_objects: list[list[list[int]]] = []  # filled with masks=True: per row, per caption, per word
+        self.word_objects: list[list[int]] = []  # filled with masks=True
         self.skipped_reasons: Counter[str] = Counter()
         masks: list[np.ndarray] = []
         store, self.storage = image_store(len(lines), image_size, spill_dir)  # (rows, 3, S, S) uint8
@@ -279,8 +267,7 @@ class CaptionedImageFolder(Dataset):
             kept += 1
             if mask is not None:
                 masks.append(mask)
-                objects = row["word_objects"]
-                self.word_objects.append(objects if isinstance(row[self.caption_column], list) else [objects])
+                self.word_objects.append(row["word_objects"])
         if not kept:
             reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped_reasons.items())
             raise DatasetError(f"{self.metadata_path}: every row is unusable ({reasons}); nothing to load")
@@ -303,19 +290,17 @@ class CaptionedImageFolder(Dataset):
 
     def decode_grounding(self, row: dict) -> np.ndarray:
         """The row's mask, after checking its word_objects against the caption; or BadRow."""
+        if isinstance(row[self.caption_column], list):
+            raise BadRow("bad word_objects", "has several captions; word_objects can ground one caption only: give it one")
         if "mask_file" not in row or "word_objects" not in row:
             raise BadRow("no grounding", f"has no grounding; the grounding loss needs {GROUNDING_FORMAT}, or set train.grounding_weight: 0")
-        captions, objects = row[self.caption_column], row["word_objects"]
-        if isinstance(captions, list):
-            if not (isinstance(objects, list) and len(objects) == len(captions)):
-                raise BadRow(
-                    "bad word_objects",
-                    f"has {len(captions)} captions and word_objects {objects!r}; give one list of object ids per caption",
-                )
-            for caption, caption_objects in zip(captions, objects):
-                check_word_objects(caption, caption_objects)
-        else:
-            check_word_objects(captions, objects)
+        words = row[self.caption_column].split()
+        objects = row["word_objects"]
+        if not (isinstance(objects, list) and len(objects) == len(words) and all(isinstance(k, int) and 0 <= k < 256 for k in objects)):
+            raise BadRow(
+                "bad word_objects",
+                f"has word_objects {objects!r}, which must list one object id (0-255) per caption word ({len(words)} words)",
+            )
         path = self.root / row["mask_file"]
         try:
             return load_mask(path, self.image_size)
@@ -346,18 +331,17 @@ class CaptionedImageFolder(Dataset):
         """Every distinct caption a batch can hold (before hflip's swaps), in row order."""
         return list(dict.fromkeys(c for captions in self.caption_sets for c in captions))
 
-    def draw_caption(self, row: int) -> int:
-        """Which of the row's captions to use: its only one, or one of several drawn at random (torch's global RNG)."""
-        count = len(self.caption_sets[row])
-        return 0 if count == 1 else int(torch.randint(count, ()))
+    def draw_caption(self, row: int) -> str:
+        """The row's caption, or one of its several drawn at random (torch's global RNG)."""
+        captions = self.caption_sets[row]
+        return captions[0] if len(captions) == 1 else captions[int(torch.randint(len(captions), ()))]
 
     def batch(self, rows: torch.Tensor) -> Batch:
         """Many items at once: pixels float32 (B, 3, S, S) in [-1, 1], captions and (if loaded) masks."""
         pixels = self.images[rows].float() / 127.5 - 1.0  # (B, 3, S, S)
-        drawn = [(i, self.draw_caption(i)) for i in rows.tolist()]  # (row, which caption)
-        captions = [self.caption_sets[i][k] for i, k in drawn]
+        captions = [self.draw_caption(i) for i in rows.tolist()]
         masks = None if self.masks is None else self.masks[rows]  # (B, S, S)
-        word_objects = [self.word_objects[i][k] for i, k in drawn] if self.masks is not None else None
+        word_objects = [self.word_objects[i] for i in rows.tolist()] if self.masks is not None else None
         if self.hflip:
             # Mirroring keeps every word in place ("left" <-> "right"), so word_objects stay valid.
             flipped = torch.rand(len(captions)) < 0.5

@@ -11,8 +11,7 @@ Some compositions are held out of the train split (colour-shape pairs such as "r
 triangle", relation patterns such as "circle above square", held out in both phrasings:
 no training caption says "square below circle" either); the test split is drawn from
 the full distribution and flags those rows `held_out: true`, so generalisation to unseen
-compositions can be measured. With `converse_captions` a train scene that states relations gets
-every phrasing of them ("A left of B" and "B right of A") as a list of captions, one drawn per use.
+compositions can be measured.
 
 Rendering has no anti-aliasing, so per-object masks are exact and every pixel of object k
 has exactly its palette colour. The dataset is written in the Hugging Face `imagefolder`
@@ -21,7 +20,6 @@ layout, which `diffusion.data.folder.CaptionedImageFolder` reads like any user f
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -43,7 +41,7 @@ from diffusion.data.vocabulary import (
     parse_relation_pattern,
     with_converses,
 )
-from diffusion.text.relations import CONVERSE, RELATION_AXES, RELATIONS
+from diffusion.text.relations import RELATION_AXES, RELATIONS
 
 SEPARATION_PX = 2.0  # minimum gap between nominal boxes: leaves >= 1 empty pixel between masks
 PLACEMENT_TRIES = 16  # candidate placements drawn at once for one scene
@@ -97,18 +95,6 @@ def relation_skeleton(num_objects: int, rng: np.random.Generator) -> tuple[Relat
 def skeleton_relations(words: list[str] | tuple[str, ...]) -> tuple[Relation, ...]:
     """The skeleton's relations for these relation words: object 0, then object 2, each against object 1."""
     return tuple(Relation(subject, word, 1) for subject, word in zip((0, 2), words))
-
-
-def converse(rel: Relation) -> Relation:
-    """The same fact stated from the other object: 0 "left of" 1 -> 1 "right of" 0."""
-    return Relation(rel.reference, CONVERSE[rel.relation], rel.subject)
-
-
-def phrasings(scene: Scene) -> list[Scene]:
-    """The scene with its relations stated every way: each one as drawn or as its converse (the first
-    is as drawn). "A left of B" gives it and "B right of A"; two relations give four."""
-    choices = itertools.product(*[(rel, converse(rel)) for rel in scene.relations])  # 2^k tuples
-    return [Scene(scene.objects, relations) for relations in choices]
 
 
 def ordered(rel: Relation) -> tuple[int, int, int]:
@@ -400,17 +386,12 @@ def draw_split_scene(cfg: ShapesConfig, held_out: HeldOut, rng: np.random.Genera
     )
 
 
-def metadata_row(index: int, scene: Scene, mask: np.ndarray, held_out: bool, converses: bool = False) -> dict:
-    """The row of metadata.jsonl; with converses, a scene that states relations gets every phrasing
-    of them as a list of captions (one drawn per use), each with its own word_objects."""
-    stated = phrasings(scene) if converses else [scene]
-    words = [caption_words(s) for s in stated]
-    texts = [" ".join(word for word, _ in w) for w in words]  # = caption(s)
-    objects = [[k for _, k in w] for w in words]  # per caption word: the mask value it names, or 0
+def metadata_row(index: int, scene: Scene, mask: np.ndarray, held_out: bool) -> dict:
+    words = caption_words(scene)
     return {
         "file_name": f"images/{index:06d}.png",
-        "text": texts if len(texts) > 1 else texts[0],
-        "word_objects": objects if len(objects) > 1 else objects[0],
+        "text": " ".join(word for word, _ in words),  # = caption(scene)
+        "word_objects": [k for _, k in words],  # per caption word: the mask value it names, or 0
         "objects": [
             {
                 "shape": obj.shape,
@@ -439,7 +420,7 @@ def write_split(
         for index in range(count):
             scene, flagged = draw_split_scene(cfg, held_out, rng, train)
             rgb, mask = render_scene(scene.objects, cfg.image_size)
-            row = metadata_row(index, scene, mask, flagged, converses=train and cfg.converse_captions)
+            row = metadata_row(index, scene, mask, flagged)
             Image.fromarray(rgb).save(split_dir / row["file_name"], compress_level=PNG_COMPRESS_LEVEL)
             Image.fromarray(mask).save(split_dir / row["mask_file"], compress_level=PNG_COMPRESS_LEVEL)
             metadata.write(json.dumps(row) + "\n")

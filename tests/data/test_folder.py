@@ -152,7 +152,7 @@ def test_reads_generated_shapes(tmp_path):
 def test_masks_and_word_objects_load_and_mirror_with_the_image(tmp_path):
     out = generate_shapes(ShapesConfig(num_train=6, num_test=2, max_objects=2), tmp_path / "shapes", progress=False)
     data = CaptionedImageFolder(out / "train", image_size=32, masks=True, hflip=True)
-    assert data.masks.shape == (6, 32, 32) and data.word_objects[0] == [data.rows[0]["word_objects"]]
+    assert data.masks.shape == (6, 32, 32) and data.word_objects[0] == data.rows[0]["word_objects"]
     torch.manual_seed(0)
     for _ in range(4):
         batch = data.batch(torch.arange(6))
@@ -160,7 +160,7 @@ def test_masks_and_word_objects_load_and_mirror_with_the_image(tmp_path):
             # Every object pixel has a palette colour, every background pixel is white: mask and image agree.
             white = (pixels == 1.0).all(dim=0)
             assert torch.equal(white, mask == 0)
-        assert batch.word_objects == [objects for [objects] in data.word_objects]
+        assert batch.word_objects == data.word_objects
 
 
 def test_grounding_needs_masks_and_names_the_fix(folder):
