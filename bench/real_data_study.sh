@@ -24,6 +24,7 @@ overrides() {  # a variant's config overrides
     64px) echo "data.image_size=64 unet.channel_mults=[1,1,2,4]" ;;  # the default's levels, a 32-channel one above
     min-snr) echo "train.min_snr_gamma=5" ;;  # Min-SNR loss weighting (Hang et al. 2023)
     caption-dropout) echo "train.caption_dropout=0.2" ;;  # twice the default's empty captions, for guidance
+    small-batch) echo "train.batch_size=32" ;;  # half the default's batch: twice the steps for the same images
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
