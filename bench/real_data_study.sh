@@ -25,6 +25,7 @@ overrides() {  # a variant's config overrides
     min-snr) echo "train.min_snr_gamma=5" ;;  # Min-SNR loss weighting (Hang et al. 2023)
     caption-dropout) echo "train.caption_dropout=0.2" ;;  # twice the default's empty captions, for guidance
     small-batch) echo "train.batch_size=32" ;;  # half the default's batch: twice the steps for the same images
+    high-lr) echo "train.learning_rate=2e-3" ;;  # twice the default's learning rate: more from each image seen
     *) echo "unknown variant $1" >&2; exit 2 ;;
   esac
 }
