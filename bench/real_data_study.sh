@@ -21,6 +21,7 @@ overrides() {  # a variant's config overrides
     default) echo "" ;;
     frozen-text) echo "train.text_encoder_lr=0" ;;
     wide) echo "unet.base_channels=64" ;;  # twice the width: 4x the convolutions' work per step
+    narrow) echo "unet.base_channels=16 unet.head_dim=16" ;;  # half the width (same heads): more images seen
     64px) echo "data.image_size=64 unet.channel_mults=[1,1,2,4]" ;;  # the default's levels, a 32-channel one above
     min-snr) echo "train.min_snr_gamma=5" ;;  # Min-SNR loss weighting (Hang et al. 2023)
     caption-dropout) echo "train.caption_dropout=0.2" ;;  # twice the default's empty captions, for guidance
