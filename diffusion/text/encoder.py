@@ -19,7 +19,6 @@ from transformers.utils import logging as hf_logging
 
 from diffusion.errors import UserError
 from diffusion.text.prompt_tokens import dropped_text
-from diffusion.text.roles import role_scale, side_bits, side_codes
 
 
 class TextEncoderLoadError(UserError, RuntimeError):
@@ -145,11 +144,7 @@ class TextEncoder(nn.Module):
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states float32 (B, T, D) and mask bool (B, T). The empty prompt "" is the null condition."""
         input_ids, attention_mask = self.tokenize(prompts)  # (B, T), (B, T)
-        states, mask = self.encode_ids(input_ids, attention_mask)
-        if role_scale() > 0:  # DIAGNOSTIC (diffusion.text.roles)
-            bits = side_bits(self.tokenizer, prompts, self.max_length).to(states.device)
-            states = states + side_codes(bits, states.shape[-1])
-        return states, mask
+        return self.encode_ids(input_ids, attention_mask)
 
     def token_strings(self, prompt: str) -> list[str]:
         """CLIP token strings of the kept (non-pad) tokens, e.g. ['<|startoftext|>', 'a</w>', 'red</w>', ..., '<|endoftext|>']."""

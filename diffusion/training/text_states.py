@@ -15,8 +15,6 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
-from diffusion.text.roles import role_scale, side_bits, side_codes
-
 
 class CaptionRows:
     """Distinct captions, each with a row index; the empty prompt (the null condition) is row 0."""
@@ -60,17 +58,12 @@ class TunedTextStates(CaptionRows):
         super().__init__(captions)
         self.input_ids, self.attention_mask = (t.cpu() for t in encoder.tokenize(self.distinct))  # (N, T), (N, T)
         self.model = model  # the (possibly accelerate-wrapped) text tower whose parameters are being trained
-        # DIAGNOSTIC (diffusion.text.roles): each token's oracle side counts, (N, T, 4)
-        self.sides = side_bits(encoder.tokenizer, self.distinct, encoder.max_length) if role_scale() > 0 else None
 
     def lookup(self, rows: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) row indices -> states (B, T, D), differentiable in the text tower's weights, and mask (B, T)."""
         input_ids, attention_mask = self.input_ids[rows].to(device), self.attention_mask[rows].to(device)
         states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
-        states = states.float()
-        if self.sides is not None:
-            states = states + side_codes(self.sides[rows].to(device), states.shape[-1])
-        return states, attention_mask.bool()
+        return states.float(), attention_mask.bool()
 
 
 class FrozenText:
