@@ -119,6 +119,8 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
                 context, context_mask = text.states.lookup(caption_rows, accelerator.device)  # (B, T, D), (B, T)
                 terms = diffusion_loss(unet, noise_scheduler, images, context, context_mask, t.min_snr_gamma, grounding)
                 loss = terms.diffusion if terms.grounding is None else terms.diffusion + t.grounding_weight * terms.grounding
+                if terms.place is not None:
+                    loss = loss + t.place_weight * terms.place
                 if not torch.isfinite(loss):
                     raise diverged(loss, step, run_dir)
                 accelerator.backward(loss)
@@ -128,7 +130,8 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
                 optimizer.zero_grad(set_to_none=True)
             micro_step += 1
             window.add(len(images) * accelerator.num_processes, terms.diffusion.item(),
-                       None if terms.grounding is None else terms.grounding.item())
+                       None if terms.grounding is None else terms.grounding.item(),
+                       None if terms.place is None else terms.place.item())
             if not accelerator.sync_gradients:
                 continue
             lr_schedule.step()
