@@ -70,7 +70,8 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
     if own_prompts is not None:
         logger.info("validation prompts: %s (six of the dataset's own captions; set train.validation_prompts to choose)", own_prompts)
     if t.grounding_weight > 0 and data.token_objects is None:
-        logger.info("no row of the dataset has mask_file and word_objects: training without the grounding loss")
+        placer = " (and the text placer without its place loss: it learns only from the denoising loss)" if cfg.unet.text_place_layers else ""
+        logger.info("no row of the dataset has mask_file and word_objects: training without the grounding loss%s", placer)
 
     # 3. Model, EMA, optimizer and learning-rate schedule; identical on every process.
     set_seed(t.seed)
