@@ -302,8 +302,6 @@ RETIRED: dict[tuple[str, ...], Any] = {
     ("text_encoder", "tiny_clip", "relation_twins"): False,
     ("train", "high_noise_share"): 0.0,
     ("data", "shapes", "converse_captions"): False,
-    ("unet", "text_place_layers"): 0,
-    ("train", "place_weight"): 1.0,
 }
 
 
