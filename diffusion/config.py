@@ -144,6 +144,9 @@ class UNetConfig:
     ff_mult: int = ranged(4, ge=0, note="0: no feed-forward")
     # Add the end token's text state (CLIP's pooled output) to the timestep embedding, as SDXL does.
     pooled_text: bool = True
+    # Bidirectional layers that predict each token's object centre and add it to the token's state
+    # (diffusion.model.text_placer), trained against the masks' centres (train.place_weight). 0: none.
+    text_place_layers: int = ranged(0, ge=0, note="0: no placer")
 
 
 @dataclass
@@ -182,6 +185,9 @@ class TrainConfig:
     # Weight, inside the grounding loss, of its coverage term: a word's attention should reach its peak
     # across the whole object, not only on part of it (diffusion.training.grounding). 0: off.
     grounding_coverage: float = ranged(1.0, ge=0, note="0 turns the coverage term off")
+    # Weight of the placer's loss (unet.text_place_layers > 0): the squared distance from each grounded
+    # token's predicted object centre to its mask's centre. Needs the grounding data.
+    place_weight: float = ranged(1.0, ge=0)
     # Learning rate of the CLIP text tower, fine-tuned with the UNet on the same losses (its EMA weights
     # are exported with the model); 0 keeps it frozen and its states are computed once per caption.
     text_encoder_lr: float = ranged(3e-4, ge=0, note="0: frozen")
@@ -296,8 +302,6 @@ RETIRED: dict[tuple[str, ...], Any] = {
     ("text_encoder", "tiny_clip", "relation_twins"): False,
     ("train", "high_noise_share"): 0.0,
     ("data", "shapes", "converse_captions"): False,
-    ("unet", "text_place_layers"): 0,
-    ("train", "place_weight"): 1.0,
 }
 
 
@@ -382,6 +386,8 @@ def validate_config(cfg: Config) -> None:
         raise ConfigError("data.test_fraction splits a folder of your own; the shapes dataset has its own test split (data.shapes.num_test)")
     if cfg.train.grounding_weight > 0 and not u.cross_attention_resolutions:
         raise ConfigError("train.grounding_weight > 0 needs cross-attention: list unet.cross_attention_resolutions")
+    if u.text_place_layers and cfg.train.grounding_weight == 0:
+        raise ConfigError("unet.text_place_layers > 0 learns from the objects' masks: it needs train.grounding_weight > 0 and a dataset with masks")
     if any(m < 1 for m in u.channel_mults):
         raise ConfigError(f"unet.channel_mults must all be >= 1, got {u.channel_mults}")
 

@@ -70,7 +70,8 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
     if own_prompts is not None:
         logger.info("validation prompts: %s (six of the dataset's own captions; set train.validation_prompts to choose)", own_prompts)
     if t.grounding_weight > 0 and data.token_objects is None:
-        logger.info("no row of the dataset has mask_file and word_objects: training without the grounding loss")
+        placer = " (and the text placer without its place loss: it learns only from the denoising loss)" if cfg.unet.text_place_layers else ""
+        logger.info("no row of the dataset has mask_file and word_objects: training without the grounding loss%s", placer)
 
     # 3. Model, EMA, optimizer and learning-rate schedule; identical on every process.
     set_seed(t.seed)
@@ -119,6 +120,8 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
                 context, context_mask = text.states.lookup(caption_rows, accelerator.device)  # (B, T, D), (B, T)
                 terms = diffusion_loss(unet, noise_scheduler, images, context, context_mask, t.min_snr_gamma, grounding)
                 loss = terms.diffusion if terms.grounding is None else terms.diffusion + t.grounding_weight * terms.grounding
+                if terms.place is not None:
+                    loss = loss + t.place_weight * terms.place
                 if not torch.isfinite(loss):
                     raise diverged(loss, step, run_dir)
                 accelerator.backward(loss)
@@ -128,7 +131,8 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
                 optimizer.zero_grad(set_to_none=True)
             micro_step += 1
             window.add(len(images) * accelerator.num_processes, terms.diffusion.item(),
-                       None if terms.grounding is None else terms.grounding.item())
+                       None if terms.grounding is None else terms.grounding.item(),
+                       None if terms.place is None else terms.place.item())
             if not accelerator.sync_gradients:
                 continue
             lr_schedule.step()

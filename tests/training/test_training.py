@@ -257,3 +257,20 @@ def test_tuned_text_tower_keeps_learning_after_a_validation(cache_dir, tmp_path)
     # Checkpoints hold the raw (not EMA) weights; model_1 is the text tower, prepared after the UNet.
     at_5, at_10 = (load_file(run / "checkpoints" / f"checkpoint-{s:06d}" / "model_1.safetensors") for s in (5, 10))
     assert not all(torch.equal(at_5[k], at_10[k]) for k in at_5)
+
+
+def test_a_text_placer_trains_on_the_masks_and_samples(cache_dir, tmp_path):
+    from diffusion.sampling.pipeline import TextToImagePipeline
+
+    cfg = tiny_config(cache_dir, "unet.text_place_layers=1", "train.max_steps=10", "train.checkpoint_every=10",
+                      "train.validate_every=0", "train.log_every=5")
+    run = tmp_path / "placer"
+    train(cfg, output_dir=str(run), progress=False)
+    places = [float(m) for m in re.findall(r" place ([0-9.]+)", (run / "train.log").read_text())]
+    assert len(places) == 2 and all(p > 0 for p in places)
+    pipe = TextToImagePipeline.from_run(run)
+    assert pipe.unet.placer is not None
+    out = pipe(["a red circle left of a blue square"], seeds=[0])
+    assert out.images[0].size == (cfg.data.image_size, cfg.data.image_size)
+    with pytest.raises(ConfigError, match="text_place_layers"):
+        tiny_config(cache_dir, "unet.text_place_layers=1", "train.grounding_weight=0")

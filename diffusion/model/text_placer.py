@@ -1,0 +1,81 @@
+"""Where each word's object goes, read from the whole prompt and written into its text state.
+
+CLIP's text tower is causal and, trained contrastively, keeps a relation's axis but not its
+direction: the states of "a red circle left of a blue square" and "... right of ..." are 0.99
+alike (BENCHMARKS.md), so no key the cross-attention makes can say "my object goes on the left".
+Given that fact by an oracle, the UNet learns relations at once (the probe at 1.0 in 1,280 steps).
+
+The placer learns it: a few bidirectional transformer layers over the text states, told each
+token's position in the prompt (which object comes before "left of" is the whole relation), predict
+each token's object centre (x, y) in [-1, 1]. That prediction is trained against the centres of the
+objects' masks (`train.place_weight`), and a linear code of it is added to the token's state, so
+the keys and values the cross-attention reads carry where the object goes:
+
+    h       = states + position(t)                       (B, T, D)
+    h       = bidirectional layers(h, mask)              (B, T, D)
+    centre  = tanh(W_c h)                                (B, T, 2)   x: -1 left .. 1 right; y: -1 top .. 1 bottom
+    states' = states + W_s centre                        (B, T, D)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusion.model.attention import attention, merge_heads, split_heads
+
+
+def token_positions(length: int, dim: int, device: torch.device) -> torch.Tensor:
+    """Sine-cosine codes of the token indices 0..length-1: (length, dim)."""
+    index = torch.arange(length, device=device, dtype=torch.float32)[:, None]  # (T, 1)
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, device=device) / dim)  # (D/2,)
+    angles = index * frequencies  # (T, D/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)[:, :dim]  # (T, D)
+
+
+class BidirectionalLayer(nn.Module):
+    """Tokens attend to every unmasked token of their prompt (no causal mask), then a per-token MLP.
+    Pre-norm, residual, with zero-initialised output projections: untrained, it passes states through."""
+
+    def __init__(self, dim: int, head_dim: int, mlp_mult: int = 4):
+        super().__init__()
+        self.heads = max(1, dim // head_dim)
+        self.attn_norm = nn.LayerNorm(dim)
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim)
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp_in = nn.Linear(dim, mlp_mult * dim)
+        self.mlp_out = nn.Linear(mlp_mult * dim, dim)
+        for projection in (self.attn_out, self.mlp_out):
+            nn.init.zeros_(projection.weight)
+            nn.init.zeros_(projection.bias)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        qkv = self.to_qkv(self.attn_norm(states)).chunk(3, dim=-1)  # 3 x (B, T, D)
+        q, k, v = (split_heads(x, self.heads) for x in qkv)  # (B, heads, T, d)
+        mixed, _ = attention(q, k, v, key_mask=mask, return_probs=False)  # (B, heads, T, d)
+        states = states + self.attn_out(merge_heads(mixed))  # (B, T, D)
+        return states + self.mlp_out(F.gelu(self.mlp_in(self.mlp_norm(states))))  # (B, T, D)
+
+
+class TextPlacer(nn.Module):
+    """(text states (B, T, D), mask (B, T)) -> states with each token's predicted object centre added."""
+
+    def __init__(self, dim: int, num_layers: int, head_dim: int):
+        super().__init__()
+        self.layers = nn.ModuleList(BidirectionalLayer(dim, head_dim) for _ in range(num_layers))
+        self.to_centre = nn.Linear(dim, 2)
+        self.from_centre = nn.Linear(2, dim)
+
+    def centres(self, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Each token's predicted object centre (B, T, 2), x then y, in [-1, 1]."""
+        h = states + token_positions(states.shape[1], states.shape[2], states.device).to(states.dtype)  # (B, T, D)
+        for layer in self.layers:
+            h = layer(h, mask)
+        return torch.tanh(self.to_centre(h))  # (B, T, 2)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return states + self.from_centre(self.centres(states, mask))  # (B, T, D)
