@@ -125,6 +125,10 @@ class TextEncoderConfig:
     # such as "openai/clip-vit-base-patch32", or a local directory holding a saved CLIP.
     name: str = "tiny-clip"
     tiny_clip: TinyClipConfig = field(default_factory=TinyClipConfig)
+    # Give the UNet each token's input embedding (word + position, before the transformer) beside
+    # its last hidden state, (B, T, 2D). The tiny CLIP's layers make "left" and "right" 0.99
+    # cosine-similar in context; their embeddings are not (BENCHMARKS.md, relations).
+    input_embeddings: bool = False
 
 
 @dataclass
@@ -298,7 +302,6 @@ RETIRED: dict[tuple[str, ...], Any] = {
     ("unet", "text_refiner_layers"): 0,
     ("train", "grounding_pure_noise_weight"): 0.0,
     ("text_encoder", "tiny_clip", "hard_negative_groups"): [],
-    ("text_encoder", "input_embeddings"): False,
     ("text_encoder", "tiny_clip", "relation_twins"): False,
     ("train", "high_noise_share"): 0.0,
     ("data", "shapes", "converse_captions"): False,

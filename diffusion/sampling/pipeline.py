@@ -101,7 +101,7 @@ class TextToImagePipeline(DiffusionPipeline):
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"{folder}: could not load the exported model ({error})") from error
         width = pipe.text_encoder.config.hidden_size
-        if pipe.unet.config.context_dim != width:
+        if pipe.unet.config.context_dim not in (width, 2 * width):
             raise ModelLoadError(
                 f"{folder}: the UNet expects text states of width {pipe.unet.config.context_dim} but the text "
                 f"encoder gives {width}; the model folder mixes parts of different runs"
@@ -115,7 +115,9 @@ class TextToImagePipeline(DiffusionPipeline):
         """The tokenizer and text tower as one TextEncoder, built once (again only if either is replaced)."""
         e = self._encoder
         if e is None or e.model is not self.text_encoder or e.tokenizer is not self.tokenizer:
-            self._encoder = TextEncoder(self.tokenizer, self.text_encoder)
+            # A UNet twice the tower's width reads each token's input embedding too (text_encoder.input_embeddings).
+            input_embeddings = self.unet.config.context_dim == 2 * self.text_encoder.config.hidden_size
+            self._encoder = TextEncoder(self.tokenizer, self.text_encoder, input_embeddings)
         return self._encoder
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,7 +75,7 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
 
     # 3. Model, EMA, optimizer and learning-rate schedule; identical on every process.
     set_seed(t.seed)
-    unet = build_unet(cfg, data.encoder.hidden_size)
+    unet = build_unet(cfg, data.encoder.width)
     logger.info("UNet: %.2fM parameters; %s", sum(p.numel() for p in unet.parameters()) / 1e6, text.describe())
     ema = EMAModel(
         unet.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup, power=3 / 4, model_cls=UNet, model_config=unet.config
@@ -97,7 +97,7 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
     # 4. Resume, or start from step 0 with a per-process noise stream.
     step = 0
     if resume is not None:
-        state = load_checkpoint(accelerator, run_dir, resume, cfg, data.encoder.hidden_size)
+        state = load_checkpoint(accelerator, run_dir, resume, cfg, data.encoder.width)
         step = state["step"]
         logger.info("resumed from %s at step %d", state["checkpoint"], step)
     else:
@@ -105,7 +105,7 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
     order = BatchOrder(len(data.dataset), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
 
     def checkpoint() -> None:
-        state = {"step": step, "micro_step": micro_step, "context_dim": data.encoder.hidden_size}
+        state = {"step": step, "micro_step": micro_step, "context_dim": data.encoder.width}
         save_checkpoint(accelerator, run_dir, cfg, state)
 
     # 5. The loop: one optimizer update per `gradient_accumulation_steps` micro-batches.

@@ -98,7 +98,8 @@ def place_loss(unet: torch.nn.Module, context: torch.Tensor, context_mask: torch
     placer = getattr(getattr(unet, "module", unet), "placer", None)  # accelerate may wrap the UNet
     if placer is None or grounding is None:
         return None
-    predicted = placer.centres(context, context_mask).float()  # (B, T, 2)
+    # The text states detached: this loss trains the placer only, so the tuned text tower keeps its shape words.
+    predicted = placer.centres(context.detach(), context_mask).float()  # (B, T, 2)
     target, known = object_centres(grounding.masks, grounding.token_objects[:, : context.shape[1]])  # (B, T, 2), (B, T)
     if not known.any():
         return predicted.sum() * 0.0

@@ -26,19 +26,21 @@ class TrainingError(UserError, RuntimeError):
 def build_unet(cfg: Config, context_dim: int) -> UNet:
     """The UNet described by a config; the text encoder fixes the width of its keys and values."""
     try:
-        return UNet(sample_size=cfg.data.image_size, context_dim=context_dim, **asdict(cfg.unet))
+        parts = 2 if cfg.text_encoder.input_embeddings else 1  # the placer normalises last states and input embeddings apart
+        return UNet(sample_size=cfg.data.image_size, context_dim=context_dim, placer_parts=parts, **asdict(cfg.unet))
     except ValueError as error:  # e.g. an attention resolution this UNet does not have
         raise ConfigError(str(error)) from None
 
 
 def text_width(cfg: Config) -> int:
-    """The text encoder's hidden size, read from its config without loading its weights."""
+    """The width of the text states the UNet reads, from the encoder's config without loading its weights."""
+    copies = 2 if cfg.text_encoder.input_embeddings else 1  # last hidden state | input embedding
     if cfg.text_encoder.name == TINY_CLIP:
-        return cfg.text_encoder.tiny_clip.text_width
+        return copies * cfg.text_encoder.tiny_clip.text_width
     from transformers import CLIPTextConfig
 
     try:
-        return CLIPTextConfig.from_pretrained(cfg.text_encoder.name).hidden_size
+        return copies * CLIPTextConfig.from_pretrained(cfg.text_encoder.name).hidden_size
     except (OSError, ValueError) as error:
         raise TextEncoderLoadError(load_error_message(cfg.text_encoder.name, error)) from error
 
@@ -101,7 +103,7 @@ def prepare_training_data(cfg: Config, accelerator: Accelerator, progress: bool)
     )
     with accelerator.main_process_first():
         source = prepare_text_encoder(cfg.text_encoder, cfg.data, cache_dir, progress=progress, dataset_dirs=dataset_dirs)
-    encoder = TextEncoder.from_pretrained(source).to(accelerator.device)
+    encoder = TextEncoder.from_pretrained(source, cfg.text_encoder.input_embeddings).to(accelerator.device)
     captions = dataset.all_captions
     if cfg.data.hflip:
         captions += [swap_left_right(c) for c in captions]

@@ -160,3 +160,16 @@ def test_the_placer_reads_a_later_word_to_place_an_earlier_one():
     x = placer.centres(context, None)[..., 0]
     assert x[0, 0] < -0.3 and x[1, 0] > 0.3  # A: left when "left" follows it, right when "right" does
     assert x[0, 2] > 0.3 and x[1, 2] < -0.3
+
+
+def test_the_place_loss_trains_the_placer_and_leaves_the_text_states_alone(cache_dir):
+    from diffusion.training.objective import place_loss
+
+    torch.manual_seed(0)
+    unet = build_unet(tiny_config(cache_dir, "unet.text_place_layers=1"), context_dim=8)
+    context = torch.randn(1, 5, 8, requires_grad=True)
+    loss = place_loss(unet, context, torch.ones(1, 5, dtype=torch.bool), Grounding(torch.tensor([[0, 1, 1, 2, 0]]), two_object_masks(16)))
+    loss.backward()
+    assert loss > 0 and context.grad is None
+    assert unet.placer.to_centre.weight.grad.abs().sum() > 0
+

@@ -274,3 +274,20 @@ def test_a_text_placer_trains_on_the_masks_and_samples(cache_dir, tmp_path):
     assert out.images[0].size == (cfg.data.image_size, cfg.data.image_size)
     with pytest.raises(ConfigError, match="text_place_layers"):
         tiny_config(cache_dir, "unet.text_place_layers=1", "train.grounding_weight=0")
+
+
+def test_a_unet_that_reads_input_embeddings_trains_exports_and_samples(cache_dir, tmp_path):
+    from diffusion.sampling.pipeline import TextToImagePipeline
+    from diffusion.sampling.settings import SamplerSettings
+
+    cfg = tiny_config(cache_dir, "text_encoder.input_embeddings=true", "train.max_steps=4",
+                      "train.checkpoint_every=4", "train.validate_every=0")
+    run = tmp_path / "input-embeddings"
+    train(cfg, output_dir=str(run), progress=False)
+    pipe = TextToImagePipeline.from_run(run)
+    width = pipe.text_encoder.config.hidden_size
+    assert pipe.unet.config.context_dim == 2 * width and pipe.encoder.input_embeddings
+    states, _ = pipe.encode(["a red circle"])
+    assert states.shape[-1] == 2 * width
+    out = pipe(["a red circle left of a blue square"], [0], settings=SamplerSettings(steps=2), return_attention=True)
+    assert out.images[0].size == (16, 16) and out.attention[0].tokens.words[3] == "left"
