@@ -81,4 +81,6 @@ class TextPlacer(nn.Module):
         return torch.tanh(self.to_centre(h))  # (B, T, 2)
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return states + self.from_centre(self.centres(states, mask))  # (B, T, D)
+        # The placer reads the states detached: no loss reaches the text tower through it, as none did
+        # through the oracle's side code; the tower learns only from what the cross-attention reads.
+        return states + self.from_centre(self.centres(states.detach(), mask))  # (B, T, D)

@@ -173,3 +173,18 @@ def test_the_place_loss_trains_the_placer_and_leaves_the_text_states_alone(cache
     assert loss > 0 and context.grad is None
     assert unet.placer.to_centre.weight.grad.abs().sum() > 0
 
+
+
+def test_the_placer_adds_its_code_and_sends_no_gradient_through_its_reading():
+    from diffusion.model.text_placer import TextPlacer
+
+    torch.manual_seed(0)
+    placer = TextPlacer(16, num_layers=1, head_dim=8, parts=2)
+    nn_init = torch.nn.init
+    nn_init.normal_(placer.from_centre.weight)
+    states = torch.randn(2, 3, 16, requires_grad=True)
+    out = placer(states, None)
+    assert not torch.allclose(out, states)
+    out.sum().backward()
+    assert torch.equal(states.grad, torch.ones_like(states))  # only the identity path carries gradient
+    assert placer.from_centre.weight.grad.abs().sum() > 0
