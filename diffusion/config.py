@@ -151,6 +151,8 @@ class UNetConfig:
     # Bidirectional layers that predict each token's object centre and add it to the token's state
     # (diffusion.model.text_placer), trained against the masks' centres (train.place_weight). 0: none.
     text_place_layers: int = ranged(0, ge=0, note="0: no placer")
+    # The placer's own width (it reads states of width D or 2D through a linear map). 0: the states' width.
+    text_place_width: int = ranged(0, ge=0, note="0: the states' width")
 
 
 @dataclass

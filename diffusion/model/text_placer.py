@@ -64,18 +64,21 @@ class BidirectionalLayer(nn.Module):
 class TextPlacer(nn.Module):
     """(text states (B, T, D), mask (B, T)) -> states with each token's predicted object centre added."""
 
-    def __init__(self, dim: int, num_layers: int, head_dim: int, parts: int = 1):
+    def __init__(self, dim: int, num_layers: int, head_dim: int, parts: int = 1, width: int | None = None):
         super().__init__()
         self.parts = parts  # the states are `parts` sources side by side (last state | input embedding)
-        self.layers = nn.ModuleList(BidirectionalLayer(dim, head_dim) for _ in range(num_layers))
-        self.to_centre = nn.Linear(dim, 2)
+        width = width or dim
+        self.to_width = nn.Linear(dim, width) if width != dim else nn.Identity()  # the placer's own, narrower width
+        self.layers = nn.ModuleList(BidirectionalLayer(width, head_dim) for _ in range(num_layers))
+        self.to_centre = nn.Linear(width, 2)
         self.from_centre = nn.Linear(2, dim)
 
     def centres(self, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Each token's predicted object centre (B, T, 2), x then y, in [-1, 1]."""
         # Each source normalised on its own: the input embeddings (norm ~0.3) beside the last states (~11).
         h = torch.cat([F.layer_norm(part, part.shape[-1:]) for part in states.chunk(self.parts, dim=-1)], dim=-1)
-        h = h + token_positions(states.shape[1], states.shape[2], states.device).to(states.dtype)  # (B, T, D)
+        h = self.to_width(h)  # (B, T, W)
+        h = h + token_positions(h.shape[1], h.shape[2], h.device).to(h.dtype)  # (B, T, W)
         for layer in self.layers:
             h = layer(h, mask)
         return torch.tanh(self.to_centre(h))  # (B, T, 2)

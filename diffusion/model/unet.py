@@ -112,6 +112,7 @@ class UNet(ModelMixin, ConfigMixin):
         ff_mult: int = 0,
         pooled_text: bool = False,
         text_place_layers: int = 0,
+        text_place_width: int = 0,
         placer_parts: int = 1,
     ):
         super().__init__()
@@ -126,7 +127,7 @@ class UNet(ModelMixin, ConfigMixin):
             nn.Sequential(nn.Linear(context_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if pooled_text else None
         )
         # Each token's predicted object centre, added to its state (diffusion.model.text_placer).
-        self.placer = TextPlacer(context_dim, text_place_layers, head_dim, placer_parts) if text_place_layers else None
+        self.placer = TextPlacer(context_dim, text_place_layers, min(head_dim, text_place_width or head_dim), placer_parts, text_place_width or None) if text_place_layers else None
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def block(in_ch: int, out_ch: int, res: int) -> UNetBlock:
