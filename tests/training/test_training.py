@@ -204,8 +204,8 @@ def test_two_processes_keep_identical_replicas_of_unet_and_tuned_text_tower(cach
 def test_resume_with_a_different_text_encoder_or_model_is_a_clear_error(cache_dir, finished_run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(finished_run, copy)
-    wider = tiny_config(cache_dir, "text_encoder.tiny_clip.text_width=64", "text_encoder.tiny_clip.steps=2")
-    with pytest.raises(CheckpointError, match="trained with text states of width 32.*gives width 64.*checkpoint's own config"):
+    wider = tiny_config(cache_dir, "text_encoder.tiny_clip.text_width=64", "text_encoder.tiny_clip.steps=2")  # states: last | input embedding
+    with pytest.raises(CheckpointError, match="trained with text states of width 64.*gives width 128.*checkpoint's own config"):
         train(wider, output_dir=str(copy), resume="latest", progress=False)
     deeper = tiny_config(cache_dir, "unet.num_res_blocks=2")
     with pytest.raises(CheckpointError, match="does not fit the model this config builds"):
