@@ -1,9 +1,10 @@
 """Cost per training step of the optional losses and of fine-tuning the text tower, on real shapes batches.
 
-Three variants train copies of the same UNet weights on the same batch of the configured dataset,
-under the config's mixed precision, with AdamW: "plain" (diffusion loss, frozen text states),
-"grounded" (+ the grounding loss) and "tuned" (+ the text tower fine-tuned: its states recomputed
-with gradients every step). Rounds rotate the order of the variants so machine noise hits all
+Four variants train on the same batch of the configured dataset, under the config's mixed
+precision, with AdamW: "plain" (diffusion loss, frozen text states), "grounded" (+ the grounding
+loss) and "tuned" (+ the text tower fine-tuned: its states recomputed with gradients every step),
+copies of the same UNet weights without a text placer; and "placed" (+ the text placer of
+`unet.text_place_layers`, reading input embeddings beside the last states, with its place loss). Rounds rotate the order of the variants so machine noise hits all
 alike; the figures are medians of per-round time ratios.
 
     python bench/step_cost.py [--config configs/cpu.yaml] [--rounds 7] [--steps 5]
@@ -47,33 +48,40 @@ def main() -> None:
     frozen_states = TextStateCache(encoder, batch.captions, progress=False)
     tuned_tower = copy.deepcopy(encoder.model).requires_grad_(True)
     tuned_states = TunedTextStates(encoder, batch.captions, tuned_tower)
+    placed_tower = copy.deepcopy(encoder.model).requires_grad_(True)
+    with_embeddings = TextEncoder(encoder.tokenizer, placed_tower, input_embeddings=True)
+    placed_states = TunedTextStates(with_embeddings, batch.captions, placed_tower)  # (B, T, 2D)
     rows = frozen_states.rows(batch.captions)
     grounding = Grounding(table(batch.captions, batch.word_objects), batch.masks, cfg.train.grounding_coverage)
     scheduler = make_noise_scheduler(cfg.noise)
     precision, _ = resolve_precision(cfg.train.mixed_precision, torch.cuda.is_available())  # as training resolves it
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
+    layers = cfg.unet.text_place_layers or 2
+    cfg.unet.text_place_layers = 0
     unet = build_unet(cfg, encoder.hidden_size)
-    variants = {  # name -> (UNet copy, text states, grounding targets)
-        "plain": (unet, frozen_states, None),
-        "grounded": (copy.deepcopy(unet), frozen_states, grounding),
-        "tuned": (copy.deepcopy(unet), tuned_states, grounding),
+    cfg.unet.text_place_layers = layers
+    variants = {  # name -> (UNet, text states, grounding targets, tuned tower)
+        "plain": (unet, frozen_states, None, None),
+        "grounded": (copy.deepcopy(unet), frozen_states, grounding, None),
+        "tuned": (copy.deepcopy(unet), tuned_states, grounding, tuned_tower),
+        "placed": (build_unet(cfg, with_embeddings.width), placed_states, grounding, placed_tower),
     }
     optimizers = {
-        name: torch.optim.AdamW(
-            [*model.parameters(), *(tuned_tower.parameters() if states is tuned_states else [])], lr=1e-4
-        )
-        for name, (model, states, _) in variants.items()
+        name: torch.optim.AdamW([*model.parameters(), *(tower.parameters() if tower is not None else [])], lr=1e-4)
+        for name, (model, _, _, tower) in variants.items()
     }
 
     def run(name: str) -> float:
-        model, states, targets = variants[name]
+        model, states, targets, _ = variants[name]
         start = time.perf_counter()
         for _ in range(args.steps):
             with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
                 context, context_mask = states.lookup(rows)  # (B, T, D), (B, T)
                 terms = diffusion_loss(model, scheduler, batch.pixels, context, context_mask, grounding=targets)
                 loss = terms.diffusion if terms.grounding is None else terms.diffusion + cfg.train.grounding_weight * terms.grounding
+                if terms.place is not None:
+                    loss = loss + cfg.train.place_weight * terms.place
             optimizers[name].zero_grad(set_to_none=True)
             loss.backward()
             optimizers[name].step()
@@ -91,7 +99,7 @@ def main() -> None:
     for name, values in times.items():
         median = statistics.median(values)
         print(f"{name:9s} median {median * 1000:.0f} ms/step  {images / median:.1f} img/s")
-    for name, base in (("grounded", "plain"), ("tuned", "grounded")):
+    for name, base in (("grounded", "plain"), ("tuned", "grounded"), ("placed", "tuned")):
         ratios = [a / b for a, b in zip(times[name], times[base])]
         print(f"{name} / {base} step time: median ratio {statistics.median(ratios):.3f} over {args.rounds} rounds")
 

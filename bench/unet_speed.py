@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     args = parser.parse_args()
     cfg = load_config(args.config)
+    cfg.unet.text_place_layers = 0  # the UNet bodies are compared; the text placer's cost is in step_cost.py
     width = cfg.text_encoder.tiny_clip.text_width
     torch.manual_seed(0)
     models = {"ours": Ours(build_unet(cfg, width)), "diffusers": Library(library_unet(cfg, width))}

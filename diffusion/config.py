@@ -144,6 +144,12 @@ class UNetConfig:
     ff_mult: int = ranged(4, ge=0, note="0: no feed-forward")
     # Add the end token's text state (CLIP's pooled output) to the timestep embedding, as SDXL does.
     pooled_text: bool = True
+    # Bidirectional layers that read every token's last state and input embedding, predict where its
+    # object goes and add that to its state (diffusion.model.text_placer); trained on the masks'
+    # centres (train.place_weight), so a dataset without masks trains without it. 0: none.
+    text_place_layers: int = ranged(2, ge=0, note="0: no placer")
+    # The placer's own width: it reads the (B, T, 2D) states through a linear map to this width.
+    text_place_width: int = ranged(64, ge=1)
 
 
 @dataclass
@@ -182,6 +188,9 @@ class TrainConfig:
     # Weight, inside the grounding loss, of its coverage term: a word's attention should reach its peak
     # across the whole object, not only on part of it (diffusion.training.grounding). 0: off.
     grounding_coverage: float = ranged(1.0, ge=0, note="0 turns the coverage term off")
+    # Weight of the placer's loss (unet.text_place_layers > 0): the squared distance from each grounded
+    # token's predicted object centre to its mask's centre. It trains the placer only.
+    place_weight: float = ranged(1.0, ge=0)
     # Learning rate of the CLIP text tower, fine-tuned with the UNet on the same losses (its EMA weights
     # are exported with the model); 0 keeps it frozen and its states are computed once per caption.
     text_encoder_lr: float = ranged(3e-4, ge=0, note="0: frozen")
@@ -296,8 +305,6 @@ RETIRED: dict[tuple[str, ...], Any] = {
     ("text_encoder", "tiny_clip", "relation_twins"): False,
     ("train", "high_noise_share"): 0.0,
     ("data", "shapes", "converse_captions"): False,
-    ("unet", "text_place_layers"): 0,
-    ("train", "place_weight"): 1.0,
 }
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from diffusion.config import RETIRED
 from diffusion.model.attention import AttentionRecorder, CrossAttention, FeedForward, SelfAttention
+from diffusion.model.text_placer import TextPlacer
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -110,6 +111,8 @@ class UNet(ModelMixin, ConfigMixin):
         dropout: float = 0.0,
         ff_mult: int = 0,
         pooled_text: bool = False,
+        text_place_layers: int = 0,
+        text_place_width: int = 64,
     ):
         super().__init__()
         resolutions = [sample_size // 2**i for i in range(len(channel_mults))]
@@ -122,6 +125,9 @@ class UNet(ModelMixin, ConfigMixin):
         self.text_mlp = (
             nn.Sequential(nn.Linear(context_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)) if pooled_text else None
         )
+        # Each token's predicted object centre, added to its state (diffusion.model.text_placer);
+        # its context is each token's last state beside its input embedding, (B, T, 2D).
+        self.placer = TextPlacer(context_dim, text_place_layers, text_place_width, min(head_dim, text_place_width)) if text_place_layers else None
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def block(in_ch: int, out_ch: int, res: int) -> UNetBlock:
@@ -216,6 +222,8 @@ class UNet(ModelMixin, ConfigMixin):
         emb = self.time_mlp(timestep_embedding(timestep, self.config.base_channels))  # (B, 4C)
         if self.text_mlp is not None:
             emb = emb + self.text_mlp(end_token_states(context, context_mask))  # (B, 4C)
+        if self.placer is not None:
+            context = self.placer(context, context_mask)  # (B, T, 2D), each token told where its object goes
         # 2. Down path, remembering a skip after every block and downsampling.
         h = self.conv_in(sample)  # (B, C, S, S)
         skips = [h]

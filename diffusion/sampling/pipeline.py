@@ -101,6 +101,8 @@ class TextToImagePipeline(DiffusionPipeline):
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"{folder}: could not load the exported model ({error})") from error
         width = pipe.text_encoder.config.hidden_size
+        if pipe.unet.config.text_place_layers:
+            width *= 2  # the placer reads each token's last state and its input embedding
         if pipe.unet.config.context_dim != width:
             raise ModelLoadError(
                 f"{folder}: the UNet expects text states of width {pipe.unet.config.context_dim} but the text "
@@ -115,7 +117,9 @@ class TextToImagePipeline(DiffusionPipeline):
         """The tokenizer and text tower as one TextEncoder, built once (again only if either is replaced)."""
         e = self._encoder
         if e is None or e.model is not self.text_encoder or e.tokenizer is not self.tokenizer:
-            self._encoder = TextEncoder(self.tokenizer, self.text_encoder)
+            # A UNet with a text placer reads each token's input embedding beside its last state.
+            input_embeddings = bool(self.unet.config.text_place_layers)
+            self._encoder = TextEncoder(self.tokenizer, self.text_encoder, input_embeddings)
         return self._encoder
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

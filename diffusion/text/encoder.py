@@ -61,6 +61,17 @@ def load_error_message(name_or_path: str, error: Exception) -> str:
     )
 
 
+def token_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, input_embeddings: bool
+) -> torch.Tensor:
+    """What the UNet reads, float32: the text tower's last hidden state (B, T, D), or with
+    `input_embeddings` that state beside each token's input embedding (word + position), (B, T, 2D)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=input_embeddings)
+    if not input_embeddings:
+        return out.last_hidden_state.float()  # (B, T, D)
+    return torch.cat([out.last_hidden_state, out.hidden_states[0]], dim=-1).float()  # (B, T, 2D)
+
+
 class TextEncoder(nn.Module):
     """A CLIP tokenizer + text transformer, always in eval mode (CLIP has no dropout).
 
@@ -68,14 +79,15 @@ class TextEncoder(nn.Module):
     (`train.text_encoder_lr`) keeps learning when the pipeline wraps it for validation. Loading
     (`from_pretrained`) is what freezes a tower."""
 
-    def __init__(self, tokenizer: CLIPTokenizer, model: CLIPTextModel):
+    def __init__(self, tokenizer: CLIPTokenizer, model: CLIPTextModel, input_embeddings: bool = False):
         super().__init__()
         self.tokenizer = tokenizer
         self.model = model
         self.model.eval()
+        self.input_embeddings = input_embeddings  # states (B, T, 2D): last hidden state | input embedding
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path) -> TextEncoder:
+    def from_pretrained(cls, name_or_path: str | Path, input_embeddings: bool = False) -> TextEncoder:
         name_or_path = str(name_or_path)
         folder = Path(name_or_path)
         tokenizer_files = (folder / "tokenizer.json").is_file() or all(
@@ -95,7 +107,7 @@ class TextEncoder(nn.Module):
         except (OSError, ValueError, RuntimeError) as error:  # not found, offline, or not a CLIP checkpoint
             raise TextEncoderLoadError(load_error_message(name_or_path, error)) from error
         model.requires_grad_(False)
-        return cls(tokenizer, model)
+        return cls(tokenizer, model, input_embeddings)
 
     def train(self, mode: bool = True) -> TextEncoder:
         """Frozen: stays in eval mode even when a parent module is put in training mode."""
@@ -104,6 +116,11 @@ class TextEncoder(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
+
+    @property
+    def width(self) -> int:
+        """The width of the states it gives the UNet (the UNet's context_dim)."""
+        return self.hidden_size * (2 if self.input_embeddings else 1)
 
     @property
     def max_length(self) -> int:
@@ -138,8 +155,7 @@ class TextEncoder(nn.Module):
     @torch.no_grad()
     def encode_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states float32 (B, T, D) and mask bool (B, T) (True = real token) for tokenized prompts."""
-        hidden_states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
-        return hidden_states.float(), attention_mask.bool()
+        return token_states(self.model, input_ids, attention_mask, self.input_embeddings), attention_mask.bool()
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states float32 (B, T, D) and mask bool (B, T). The empty prompt "" is the null condition."""

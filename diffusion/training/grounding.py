@@ -101,3 +101,19 @@ class GroundingLoss:
         if not self.per_layer:
             raise RuntimeError("the UNet reported no cross-attention layer; the grounding loss needs at least one")
         return torch.stack(list(self.per_layer.values())).mean()
+
+
+def object_centres(masks: torch.Tensor, token_objects: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's object centre (B, T, 2), x then y in [-1, 1] (left/top = -1), and whether it has one (B, T).
+
+    masks: (B, S, S) object id per pixel; token_objects: (B, T) object id per token (0: none)."""
+    b, size, _ = masks.shape
+    objects = F.one_hot(masks.long(), int(masks.max()) + 1).permute(0, 3, 1, 2).float()  # (B, K, S, S)
+    coords = torch.linspace(-1, 1, size, device=masks.device)  # (S,) pixel centres, left/top to right/bottom
+    area = objects.sum(dim=(2, 3)).clamp(min=1)  # (B, K)
+    x = (objects * coords[None, None, None, :]).sum(dim=(2, 3)) / area  # (B, K)
+    y = (objects * coords[None, None, :, None]).sum(dim=(2, 3)) / area  # (B, K)
+    centres = torch.stack([x, y], dim=-1)  # (B, K, 2)
+    ids = token_objects.long().clamp(max=centres.shape[1] - 1)  # (B, T)
+    known = (token_objects > 0) & (token_objects < centres.shape[1])  # (B, T) an object the mask holds
+    return centres.gather(1, ids[..., None].expand(b, ids.shape[1], 2)), known

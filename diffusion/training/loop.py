@@ -62,6 +62,9 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
     own_prompts = own_validation_prompts(cfg, data.dataset.captions)
     if own_prompts is not None:
         t.validation_prompts = own_prompts  # saved with the config, so the run records what it sampled
+    without_placer = data.token_objects is None and cfg.unet.text_place_layers > 0
+    if without_placer:
+        cfg.unet.text_place_layers = 0  # saved with the config: the model is built and rebuilt without one
     open_run_dir(run_dir, cfg, accelerator)
     logger.info("run folder: %s (%d process(es), device %s)", run_dir, accelerator.num_processes, accelerator.device)
     logger.info("mixed precision: %s (train.mixed_precision=%s: %s)", precision, t.mixed_precision, why)
@@ -69,12 +72,14 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
                 data.train_dir, data.dataset.storage)
     if own_prompts is not None:
         logger.info("validation prompts: %s (six of the dataset's own captions; set train.validation_prompts to choose)", own_prompts)
+    if without_placer:
+        logger.info("training without the text placer: it learns where objects go from their masks (train.grounding_weight > 0 and a dataset with masks)")
     if t.grounding_weight > 0 and data.token_objects is None:
         logger.info("no row of the dataset has mask_file and word_objects: training without the grounding loss")
 
     # 3. Model, EMA, optimizer and learning-rate schedule; identical on every process.
     set_seed(t.seed)
-    unet = build_unet(cfg, data.encoder.hidden_size)
+    unet = build_unet(cfg, data.encoder.width)
     logger.info("UNet: %.2fM parameters; %s", sum(p.numel() for p in unet.parameters()) / 1e6, text.describe())
     ema = EMAModel(
         unet.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup, power=3 / 4, model_cls=UNet, model_config=unet.config
@@ -96,7 +101,7 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
     # 4. Resume, or start from step 0 with a per-process noise stream.
     step = 0
     if resume is not None:
-        state = load_checkpoint(accelerator, run_dir, resume, cfg, data.encoder.hidden_size)
+        state = load_checkpoint(accelerator, run_dir, resume, cfg, data.encoder.width)
         step = state["step"]
         logger.info("resumed from %s at step %d", state["checkpoint"], step)
     else:
@@ -104,7 +109,7 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
     order = BatchOrder(len(data.dataset), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
 
     def checkpoint() -> None:
-        state = {"step": step, "micro_step": micro_step, "context_dim": data.encoder.hidden_size}
+        state = {"step": step, "micro_step": micro_step, "context_dim": data.encoder.width}
         save_checkpoint(accelerator, run_dir, cfg, state)
 
     # 5. The loop: one optimizer update per `gradient_accumulation_steps` micro-batches.
@@ -119,6 +124,8 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
                 context, context_mask = text.states.lookup(caption_rows, accelerator.device)  # (B, T, D), (B, T)
                 terms = diffusion_loss(unet, noise_scheduler, images, context, context_mask, t.min_snr_gamma, grounding)
                 loss = terms.diffusion if terms.grounding is None else terms.diffusion + t.grounding_weight * terms.grounding
+                if terms.place is not None:
+                    loss = loss + t.place_weight * terms.place
                 if not torch.isfinite(loss):
                     raise diverged(loss, step, run_dir)
                 accelerator.backward(loss)
@@ -128,7 +135,8 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
                 optimizer.zero_grad(set_to_none=True)
             micro_step += 1
             window.add(len(images) * accelerator.num_processes, terms.diffusion.item(),
-                       None if terms.grounding is None else terms.grounding.item())
+                       None if terms.grounding is None else terms.grounding.item(),
+                       None if terms.place is None else terms.place.item())
             if not accelerator.sync_gradients:
                 continue
             lr_schedule.step()

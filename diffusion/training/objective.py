@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from diffusion.config import NoiseConfig
-from diffusion.training.grounding import GroundingLoss
+from diffusion.training.grounding import GroundingLoss, object_centres
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -59,6 +59,7 @@ def noised(
 class LossTerms(NamedTuple):
     diffusion: torch.Tensor  # scalar
     grounding: torch.Tensor | None  # scalar, when grounding targets were given
+    place: torch.Tensor | None = None  # scalar, when the UNet has a text placer and grounding targets were given
 
 
 def diffusion_loss(
@@ -88,4 +89,17 @@ def diffusion_loss(
         clipped = ratio.clamp(max=min_snr_gamma)
         weight = clipped / ratio.clamp(min=1e-8) if scheduler.config.prediction_type == "epsilon" else clipped / (ratio + 1)
         per_image = per_image * weight
-    return LossTerms(per_image.mean(), None if recorder is None else recorder.value())
+    return LossTerms(per_image.mean(), None if recorder is None else recorder.value(), place_loss(unet, context, context_mask, grounding))
+
+
+def place_loss(unet: torch.nn.Module, context: torch.Tensor, context_mask: torch.Tensor, grounding: Grounding | None):
+    """Squared distance from each grounded token's predicted object centre to its mask's centre, mean
+    over grounded tokens (diffusion.model.text_placer); None without a placer or grounding."""
+    placer = getattr(getattr(unet, "module", unet), "placer", None)  # accelerate may wrap the UNet
+    if placer is None or grounding is None:
+        return None
+    predicted = placer.centres(context.detach(), context_mask).float()  # (B, T, 2); trains the placer, not the tower
+    target, known = object_centres(grounding.masks, grounding.token_objects[:, : context.shape[1]])  # (B, T, 2), (B, T)
+    if not known.any():
+        return predicted.sum() * 0.0
+    return ((predicted - target) ** 2).sum(-1)[known].mean()

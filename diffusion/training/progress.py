@@ -62,13 +62,15 @@ class LogWindow:
     """What happened since the last log line: images seen, diffusion and grounding losses."""
 
     def __init__(self):
-        self.start, self.images, self.losses, self.grounding = time.monotonic(), 0, [], []
+        self.start, self.images, self.losses, self.grounding, self.place = time.monotonic(), 0, [], [], []
 
-    def add(self, images: int, diffusion_loss: float, grounding_loss: float | None) -> None:
+    def add(self, images: int, diffusion_loss: float, grounding_loss: float | None, place_loss: float | None = None) -> None:
         self.images += images
         self.losses.append(diffusion_loss)
         if grounding_loss is not None:
             self.grounding.append(grounding_loss)
+        if place_loss is not None:
+            self.place.append(place_loss)
 
     def scalars(self, learning_rate: float) -> dict[str, float]:
         """The TensorBoard scalars of the window (loss and grounding_loss are means over its steps)."""
@@ -80,9 +82,12 @@ class LogWindow:
         }
         if self.grounding:
             scalars["grounding_loss"] = sum(self.grounding) / len(self.grounding)
+        if self.place:
+            scalars["place_loss"] = sum(self.place) / len(self.place)
         return scalars
 
     @staticmethod
     def line(step: int, s: dict[str, float]) -> str:
         grounding = f" grounding {s['grounding_loss']:.4f}" if "grounding_loss" in s else ""
-        return f"step {step} loss {s['loss']:.4f} lr {s['learning_rate']:.2e} {s['images_per_sec']:.0f} img/s{grounding}"
+        place = f" place {s['place_loss']:.4f}" if "place_loss" in s else ""
+        return f"step {step} loss {s['loss']:.4f} lr {s['learning_rate']:.2e} {s['images_per_sec']:.0f} img/s{grounding}{place}"

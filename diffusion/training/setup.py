@@ -32,13 +32,14 @@ def build_unet(cfg: Config, context_dim: int) -> UNet:
 
 
 def text_width(cfg: Config) -> int:
-    """The text encoder's hidden size, read from its config without loading its weights."""
+    """The width of the text states the UNet reads, from the encoder's config without loading its weights."""
+    copies = 2 if cfg.unet.text_place_layers else 1  # the placer reads last hidden state | input embedding
     if cfg.text_encoder.name == TINY_CLIP:
-        return cfg.text_encoder.tiny_clip.text_width
+        return copies * cfg.text_encoder.tiny_clip.text_width
     from transformers import CLIPTextConfig
 
     try:
-        return CLIPTextConfig.from_pretrained(cfg.text_encoder.name).hidden_size
+        return copies * CLIPTextConfig.from_pretrained(cfg.text_encoder.name).hidden_size
     except (OSError, ValueError) as error:
         raise TextEncoderLoadError(load_error_message(cfg.text_encoder.name, error)) from error
 
@@ -101,7 +102,8 @@ def prepare_training_data(cfg: Config, accelerator: Accelerator, progress: bool)
     )
     with accelerator.main_process_first():
         source = prepare_text_encoder(cfg.text_encoder, cfg.data, cache_dir, progress=progress, dataset_dirs=dataset_dirs)
-    encoder = TextEncoder.from_pretrained(source).to(accelerator.device)
+    placer = grounded and cfg.unet.text_place_layers > 0  # it reads each token's input embedding beside its last state
+    encoder = TextEncoder.from_pretrained(source, input_embeddings=placer).to(accelerator.device)
     captions = dataset.all_captions
     if cfg.data.hflip:
         captions += [swap_left_right(c) for c in captions]

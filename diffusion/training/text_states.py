@@ -15,6 +15,8 @@ from diffusers.training_utils import EMAModel
 from torch import nn
 from tqdm.auto import tqdm
 
+from diffusion.text.encoder import token_states
+
 
 class CaptionRows:
     """Distinct captions, each with a row index; the empty prompt (the null condition) is row 0."""
@@ -58,12 +60,13 @@ class TunedTextStates(CaptionRows):
         super().__init__(captions)
         self.input_ids, self.attention_mask = (t.cpu() for t in encoder.tokenize(self.distinct))  # (N, T), (N, T)
         self.model = model  # the (possibly accelerate-wrapped) text tower whose parameters are being trained
+        self.input_embeddings = encoder.input_embeddings
 
     def lookup(self, rows: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """(B,) row indices -> states (B, T, D), differentiable in the text tower's weights, and mask (B, T)."""
         input_ids, attention_mask = self.input_ids[rows].to(device), self.attention_mask[rows].to(device)
-        states = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
-        return states.float(), attention_mask.bool()
+        states = token_states(self.model, input_ids, attention_mask, self.input_embeddings)  # (B, T, D or 2D)
+        return states, attention_mask.bool()
 
 
 class FrozenText:

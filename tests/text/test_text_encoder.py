@@ -137,6 +137,23 @@ def test_text_encoder_from_clip_dir_matches_in_memory_model(clip_dir):
     assert input_ids[3, 1:].eq(encoder.tokenizer.eos_token_id).all()  # padded with <|endoftext|>
 
 
+def test_input_embeddings_put_each_tokens_embedding_beside_its_last_state(clip_dir):
+    prompts = ["a red circle left of a blue square", "a red circle right of a blue square"]
+    plain, mask = TextEncoder.from_pretrained(clip_dir).encode(prompts)
+    encoder = TextEncoder.from_pretrained(clip_dir, input_embeddings=True)
+    states, same_mask = encoder.encode(prompts)
+    input_ids, attention_mask = encoder.tokenize(prompts)
+    with torch.no_grad():
+        embedded = encoder.model.embeddings(input_ids=input_ids)  # (B, T, D): word + position
+    d = TINY.text_width
+    assert encoder.width == 2 * d and states.shape == (2, TINY.max_length, 2 * d)
+    assert torch.equal(states[..., :d], plain) and torch.equal(same_mask, mask)
+    torch.testing.assert_close(states[..., d:], embedded)
+    # Only the relation word differs between the prompts, so its embedding is the only one that does.
+    differs = (states[0, :, d:] - states[1, :, d:]).abs().amax(dim=-1) > 0  # (T,)
+    assert differs.nonzero().flatten().tolist() == [4]  # <start> a red circle [left|right]
+
+
 def test_text_encoder_from_text_model_dir_is_identical(clip_dir, tmp_path):
     encoder = TextEncoder.from_pretrained(clip_dir)
     encoder.model.save_pretrained(tmp_path)

@@ -128,3 +128,63 @@ def test_coverage_term_asks_for_the_whole_object_not_one_pixel():
     assert loss(one_pixel, 0.0) == pytest.approx(0.0, abs=1e-6)  # all of its attention is inside ...
     assert loss(one_pixel, 1.0) == pytest.approx(15 / 16, rel=1e-5)  # ... but 15 of 16 pixels lack it
     assert loss(whole, 1.0) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_object_centres_are_the_centres_of_the_masks():
+    from diffusion.training.grounding import object_centres
+
+    masks = two_object_masks(16)  # object 1 in rows/columns 2-5, object 2 in 8-15
+    coords = torch.linspace(-1, 1, 16)
+    centres, known = object_centres(masks, torch.tensor([[0, 1, 1, 2, 0]]))  # (1, 5, 2), (1, 5)
+    assert known.tolist() == [[False, True, True, True, False]]
+    first, second = coords[2:6].mean().item(), coords[8:16].mean().item()
+    assert centres[0, 1].tolist() == pytest.approx([first, first])
+    assert centres[0, 3].tolist() == pytest.approx([second, second])
+
+
+def test_the_placer_reads_a_later_word_to_place_an_earlier_one():
+    """'A left of B' and 'A right of B': A's side is told only by a word after it (a causal tower cannot)."""
+    from diffusion.model.text_placer import TextPlacer
+
+    torch.manual_seed(0)
+    a, left, right, b = torch.randn(4, 16)
+    context = torch.stack([torch.stack([a, left, b]), torch.stack([a, right, b])])  # (2, 3, 16)
+    target_x = torch.tensor([[-0.5, 0.0, 0.5], [0.5, 0.0, -0.5]])  # A left then right; the relation word has no object
+    placer = TextPlacer(16, num_layers=1, width=16, head_dim=8)
+    optimizer = torch.optim.Adam(placer.parameters(), lr=3e-3)
+    for _ in range(200):
+        optimizer.zero_grad()
+        x = placer.centres(context, None)[..., 0]  # (2, 3)
+        ((x - target_x)[:, [0, 2]] ** 2).mean().backward()
+        optimizer.step()
+    x = placer.centres(context, None)[..., 0]
+    assert x[0, 0] < -0.3 and x[1, 0] > 0.3  # A: left when "left" follows it, right when "right" does
+    assert x[0, 2] > 0.3 and x[1, 2] < -0.3
+
+
+def test_the_place_loss_trains_the_placer_and_leaves_the_text_states_alone(cache_dir):
+    from diffusion.training.objective import place_loss
+
+    torch.manual_seed(0)
+    unet = build_unet(tiny_config(cache_dir, "unet.text_place_layers=1"), context_dim=8)
+    context = torch.randn(1, 5, 8, requires_grad=True)
+    loss = place_loss(unet, context, torch.ones(1, 5, dtype=torch.bool), Grounding(torch.tensor([[0, 1, 1, 2, 0]]), two_object_masks(16)))
+    loss.backward()
+    assert loss > 0 and context.grad is None
+    assert unet.placer.to_centre.weight.grad.abs().sum() > 0
+
+
+
+def test_the_placer_adds_its_code_and_sends_no_gradient_through_its_reading():
+    """The states reach the cross-attention unchanged but for the code; no gradient reaches them through the placer."""
+    from diffusion.model.text_placer import TextPlacer
+
+    torch.manual_seed(0)
+    placer = TextPlacer(16, num_layers=1, width=16, head_dim=8)
+    torch.nn.init.normal_(placer.from_centre.weight)
+    states = torch.randn(2, 3, 16, requires_grad=True)  # (B, T, 2D): last state | input embedding
+    out = placer(states, None)
+    assert not torch.allclose(out, states)
+    out.sum().backward()
+    assert torch.equal(states.grad, torch.ones_like(states))  # only the identity path carries gradient
+    assert placer.from_centre.weight.grad.abs().sum() > 0

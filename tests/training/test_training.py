@@ -204,8 +204,8 @@ def test_two_processes_keep_identical_replicas_of_unet_and_tuned_text_tower(cach
 def test_resume_with_a_different_text_encoder_or_model_is_a_clear_error(cache_dir, finished_run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(finished_run, copy)
-    wider = tiny_config(cache_dir, "text_encoder.tiny_clip.text_width=64", "text_encoder.tiny_clip.steps=2")
-    with pytest.raises(CheckpointError, match="trained with text states of width 32.*gives width 64.*checkpoint's own config"):
+    wider = tiny_config(cache_dir, "text_encoder.tiny_clip.text_width=64", "text_encoder.tiny_clip.steps=2")  # states: last | input embedding
+    with pytest.raises(CheckpointError, match="trained with text states of width 64.*gives width 128.*checkpoint's own config"):
         train(wider, output_dir=str(copy), resume="latest", progress=False)
     deeper = tiny_config(cache_dir, "unet.num_res_blocks=2")
     with pytest.raises(CheckpointError, match="does not fit the model this config builds"):
@@ -257,3 +257,35 @@ def test_tuned_text_tower_keeps_learning_after_a_validation(cache_dir, tmp_path)
     # Checkpoints hold the raw (not EMA) weights; model_1 is the text tower, prepared after the UNet.
     at_5, at_10 = (load_file(run / "checkpoints" / f"checkpoint-{s:06d}" / "model_1.safetensors") for s in (5, 10))
     assert not all(torch.equal(at_5[k], at_10[k]) for k in at_5)
+
+
+def test_the_default_text_placer_trains_on_the_masks_exports_and_samples(cache_dir, tmp_path):
+    from diffusion.sampling.pipeline import TextToImagePipeline
+    from diffusion.sampling.settings import SamplerSettings
+
+    cfg = tiny_config(cache_dir, "train.max_steps=10", "train.checkpoint_every=10", "train.validate_every=0", "train.log_every=5")
+    assert cfg.unet.text_place_layers > 0  # the default
+    run = tmp_path / "placer"
+    train(cfg, output_dir=str(run), progress=False)
+    places = [float(m) for m in re.findall(r" place ([0-9.]+)", (run / "train.log").read_text())]
+    assert len(places) == 2 and all(p > 0 for p in places)
+    pipe = TextToImagePipeline.from_run(run)
+    width = pipe.text_encoder.config.hidden_size
+    assert pipe.unet.placer is not None and pipe.unet.config.context_dim == 2 * width
+    states, _ = pipe.encode(["a red circle"])  # (1, T, 2D): last state | input embedding
+    assert states.shape[-1] == 2 * width and pipe.encoder.input_embeddings
+    out = pipe(["a red circle left of a blue square"], [0], settings=SamplerSettings(steps=2), return_attention=True)
+    assert out.images[0].size == (16, 16) and out.attention[0].tokens.words[3] == "left"
+
+
+def test_without_masks_to_learn_from_the_run_has_no_placer_and_says_so(cache_dir, tmp_path):
+    from diffusion.sampling.pipeline import TextToImagePipeline
+
+    cfg = tiny_config(cache_dir, "train.grounding_weight=0", "train.max_steps=2", "train.checkpoint_every=2", "train.validate_every=0")
+    run = tmp_path / "no-placer"
+    train(cfg, output_dir=str(run), progress=False)
+    log = (run / "train.log").read_text()
+    assert log.count("training without the text placer") == 1 and " place " not in log
+    assert load_config(run / "config.yaml").unet.text_place_layers == 0  # the saved config rebuilds this model
+    pipe = TextToImagePipeline.from_run(run)
+    assert pipe.unet.placer is None and pipe.unet.config.context_dim == pipe.text_encoder.config.hidden_size
