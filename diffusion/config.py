@@ -130,14 +130,14 @@ class TextEncoderConfig:
 @dataclass
 class UNetConfig:
     in_channels: int = ranged(3, ge=1)
-    base_channels: int = ranged(32, ge=1)
+    base_channels: int = ranged(16, ge=1)
     channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4])
     num_res_blocks: int = ranged(1, ge=1)
     # Feature-map sizes (in pixels, e.g. 16 for 16x16) that get a cross-attention layer.
     cross_attention_resolutions: list[int] = field(default_factory=lambda: [16, 8])
     # Feature-map sizes that also get self-attention (costly at high resolution).
     self_attention_resolutions: list[int] = field(default_factory=lambda: [8])
-    head_dim: int = ranged(32, ge=1)
+    head_dim: int = ranged(16, ge=1)
     norm_groups: int = ranged(8, ge=1)
     dropout: float = ranged(0.0, ge=0, lt=1)
     # Width multiple of a gated feed-forward after each cross-attention layer (0: none).
