@@ -150,6 +150,9 @@ class UNetConfig:
     text_place_layers: int = ranged(2, ge=0, note="0: no placer")
     # The placer's own width: it reads the (B, T, 2D) states through a linear map to this width.
     text_place_width: int = ranged(64, ge=1)
+    # Whole layouts the placer proposes per prompt: training fits the one nearest the image's masks,
+    # sampling draws one per seed (diffusion.model.text_placer). 1: one mean layout per prompt.
+    text_place_layouts: int = ranged(8, ge=1, note="1: one mean layout per prompt")
 
 
 @dataclass

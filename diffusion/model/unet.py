@@ -113,6 +113,7 @@ class UNet(ModelMixin, ConfigMixin):
         pooled_text: bool = False,
         text_place_layers: int = 0,
         text_place_width: int = 64,
+        text_place_layouts: int = 1,
     ):
         super().__init__()
         resolutions = [sample_size // 2**i for i in range(len(channel_mults))]
@@ -127,7 +128,11 @@ class UNet(ModelMixin, ConfigMixin):
         )
         # Each token's predicted object centre, added to its state (diffusion.model.text_placer);
         # its context is each token's last state beside its input embedding, (B, T, 2D).
-        self.placer = TextPlacer(context_dim, text_place_layers, text_place_width, min(head_dim, text_place_width)) if text_place_layers else None
+        self.placer = (
+            TextPlacer(context_dim, text_place_layers, text_place_width, min(head_dim, text_place_width), text_place_layouts)
+            if text_place_layers
+            else None
+        )
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
         def block(in_ch: int, out_ch: int, res: int) -> UNetBlock:
@@ -215,7 +220,9 @@ class UNet(ModelMixin, ConfigMixin):
         context: torch.Tensor,
         context_mask: torch.Tensor | None = None,
         recorder: AttentionRecorder | None = None,
+        layout: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`layout`: (B,) which of the text placer's proposed layouts each image follows (None: the first)."""
         if timestep.ndim == 0:
             timestep = timestep.expand(sample.shape[0])
         # 1. The timestep embedding (plus, if configured, the pooled text) shared by all residual blocks.
@@ -223,7 +230,7 @@ class UNet(ModelMixin, ConfigMixin):
         if self.text_mlp is not None:
             emb = emb + self.text_mlp(end_token_states(context, context_mask))  # (B, 4C)
         if self.placer is not None:
-            context = self.placer(context, context_mask)  # (B, T, 2D), each token told where its object goes
+            context = self.placer(context, context_mask, layout)  # (B, T, 2D), each token told where its object goes
         # 2. Down path, remembering a skip after every block and downsampling.
         h = self.conv_in(sample)  # (B, C, S, S)
         skips = [h]

@@ -51,6 +51,12 @@ def initial_noise(generators: list[torch.Generator], shape: tuple[int, ...], dev
     return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
+def seed_layouts(seeds: Sequence[int], layouts: int) -> torch.Tensor:
+    """The text placer's layout each image follows, drawn from its seed by a generator of its own (so
+    the noise of a seed does not depend on it): (B,)."""
+    return torch.tensor([int(torch.randint(layouts, (1,), generator=torch.Generator().manual_seed(s))) for s in seeds])
+
+
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance of model outputs (B, C, S, S): uncond + w (cond - uncond)."""
     return uncond + scale * (cond - uncond)
@@ -87,11 +93,13 @@ def sample(
     num_steps: int,
     guidance_scale: float,
     hooks: Sequence[SamplingHook] = (),
+    layouts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoise pure noise into images in [-1, 1]: (B, C, S, S).
 
     context: (B, T, D) text states of the prompts, context_mask: (B, T); null_*: the unconditional
     (empty or negative) prompt's, (1 or B, T, D) / (1 or B, T). `hooks`: see `SamplingHook`.
+    layouts: (B,) which of the text placer's layouts each image follows (`seed_layouts`; None: the first).
     """
     b = context.shape[0]
     size = unet.config.sample_size
@@ -104,19 +112,20 @@ def sample(
         # Conditional rows first, then the unconditional ones: (2B, T, D).
         context = torch.cat([context, null_context.expand(b, -1, -1)])
         context_mask = torch.cat([context_mask, null_mask.expand(b, -1)])
+    row_layouts = torch.cat([layouts, layouts]) if guided and layouts is not None else layouts  # one per row
     # Schedulers that add noise in their step (DDPM) draw it from each image's own generator.
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for i, t in enumerate(scheduler.timesteps):
         # 0. Hooks may move x_t first (layout guidance), through a conditional pass they can differentiate.
         def denoise(x_t: torch.Tensor, recorder: AttentionRecorder, t=t) -> torch.Tensor:
-            return unet(scheduler.scale_model_input(x_t, t), t.expand(b), text, text_mask, recorder=recorder)
+            return unet(scheduler.scale_model_input(x_t, t), t.expand(b), text, text_mask, recorder=recorder, layout=layouts)
 
         for hook in hooks:
             x = hook.before_step(i, int(t), x, denoise)
         # 1. Model output for the conditional and unconditional rows in one pass.
         recorder = _one_recorder([r for hook in hooks if (r := hook.recorder(i, int(t))) is not None])
         x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-        out = unet(x_in, t.expand(x_in.shape[0]), context, context_mask, recorder=recorder)
+        out = unet(x_in, t.expand(x_in.shape[0]), context, context_mask, recorder=recorder, layout=row_layouts)
         # 2. Classifier-free guidance.
         if guided:
             cond, uncond = out.chunk(2)  # (B, C, S, S) each

@@ -25,7 +25,7 @@ from diffusion.errors import UserError
 from diffusion.maps.aggregate import AttentionAggregator, AttentionMaps, MapSettings
 from diffusion.model.unet import UNet
 from diffusion.sampling.layout_guidance import LayoutGuidance, RelationTargets
-from diffusion.sampling.loop import OnStep, SamplingHook, sample
+from diffusion.sampling.loop import OnStep, SamplingHook, sample, seed_layouts
 from diffusion.sampling.schedulers import make_sampling_scheduler
 from diffusion.sampling.settings import SamplerSettings
 from diffusion.text.encoder import TextEncoder
@@ -160,6 +160,7 @@ class TextToImagePipeline(DiffusionPipeline):
         images = sample(
             self.unet, scheduler, context, mask, null_context, null_mask, generators,
             num_steps=settings.steps, guidance_scale=settings.guidance, hooks=hooks,
+            layouts=seed_layouts(seeds, self.unet.config.text_place_layouts).to(context.device),
         )
         attention = self._per_image(aggregator.result(), prompts, aggregator.settings) if aggregator else None
         return PipelineOutput(images=to_pil(images), attention=attention)

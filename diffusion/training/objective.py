@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from diffusion.config import NoiseConfig
+from diffusion.model.text_placer import choose_layouts, layout_errors
 from diffusion.training.grounding import GroundingLoss, object_centres
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -81,7 +82,8 @@ def diffusion_loss(
     if grounding is not None:
         alpha_bar = scheduler.alphas_cumprod.to(images.device)[timesteps]  # (B,) the signal left in each image
         recorder = GroundingLoss(grounding.token_objects, grounding.masks, weights=alpha_bar, coverage=grounding.coverage)
-    prediction = unet(noisy, timesteps, context, context_mask, recorder=recorder)
+    place, layout = place_loss(unet, context, context_mask, grounding)
+    prediction = unet(noisy, timesteps, context, context_mask, recorder=recorder, layout=layout)
     per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     # 3. Optional min-SNR-gamma weighting (Hang et al. 2023), expressed for the chosen target.
     if min_snr_gamma > 0:
@@ -89,17 +91,31 @@ def diffusion_loss(
         clipped = ratio.clamp(max=min_snr_gamma)
         weight = clipped / ratio.clamp(min=1e-8) if scheduler.config.prediction_type == "epsilon" else clipped / (ratio + 1)
         per_image = per_image * weight
-    return LossTerms(per_image.mean(), None if recorder is None else recorder.value(), place_loss(unet, context, context_mask, grounding))
+    return LossTerms(per_image.mean(), None if recorder is None else recorder.value(), place)
 
 
-def place_loss(unet: torch.nn.Module, context: torch.Tensor, context_mask: torch.Tensor, grounding: Grounding | None):
-    """Squared distance from each grounded token's predicted object centre to its mask's centre, mean
-    over grounded tokens (diffusion.model.text_placer); None without a placer or grounding."""
+# Relaxed winner-takes-all (Rupprecht et al., ICCV 2017): the layouts that lost still get this share of
+# the pull towards the truth, so none is left untrained (and with one layout the loss is the plain one).
+LOSER_WEIGHT = 0.05
+
+
+def place_loss(
+    unet: torch.nn.Module, context: torch.Tensor, context_mask: torch.Tensor, grounding: Grounding | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The text placer's loss and the layout each image follows, (scalar, (B,)); (None, None) without a
+    placer or grounding. Each proposed layout's error is the squared distance from its grounded tokens'
+    centres to their masks' centres (diffusion.model.text_placer); the nearest layout takes the loss and
+    is the one the UNet is shown."""
     placer = getattr(getattr(unet, "module", unet), "placer", None)  # accelerate may wrap the UNet
     if placer is None or grounding is None:
-        return None
-    predicted = placer.centres(context.detach(), context_mask).float()  # (B, T, 2); trains the placer, not the tower
+        return None, None
+    centres = placer.centres(context.detach(), context_mask).float()  # (B, T, K, 2); trains the placer, not the tower
     target, known = object_centres(grounding.masks, grounding.token_objects[:, : context.shape[1]])  # (B, T, 2), (B, T)
-    if not known.any():
-        return predicted.sum() * 0.0
-    return ((predicted - target) ** 2).sum(-1)[known].mean()
+    errors = layout_errors(centres, target, known)  # (B, K)
+    layout = choose_layouts(errors.detach(), known)  # (B,)
+    grounded = known.any(dim=1)  # (B,) images with at least one grounded token
+    if not grounded.any():
+        return centres.sum() * 0.0, layout
+    nearest = errors.gather(1, layout[:, None])[:, 0]  # (B,)
+    per_image = (1 - LOSER_WEIGHT) * nearest + LOSER_WEIGHT * errors.mean(dim=1)  # (B,)
+    return per_image[grounded].mean(), layout

@@ -154,10 +154,10 @@ def test_the_placer_reads_a_later_word_to_place_an_earlier_one():
     optimizer = torch.optim.Adam(placer.parameters(), lr=3e-3)
     for _ in range(200):
         optimizer.zero_grad()
-        x = placer.centres(context, None)[..., 0]  # (2, 3)
+        x = placer.centres(context, None)[..., 0, 0]  # (2, 3): the one layout's x
         ((x - target_x)[:, [0, 2]] ** 2).mean().backward()
         optimizer.step()
-    x = placer.centres(context, None)[..., 0]
+    x = placer.centres(context, None)[..., 0, 0]
     assert x[0, 0] < -0.3 and x[1, 0] > 0.3  # A: left when "left" follows it, right when "right" does
     assert x[0, 2] > 0.3 and x[1, 2] < -0.3
 
@@ -168,10 +168,57 @@ def test_the_place_loss_trains_the_placer_and_leaves_the_text_states_alone(cache
     torch.manual_seed(0)
     unet = build_unet(tiny_config(cache_dir, "unet.text_place_layers=1"), context_dim=8)
     context = torch.randn(1, 5, 8, requires_grad=True)
-    loss = place_loss(unet, context, torch.ones(1, 5, dtype=torch.bool), Grounding(torch.tensor([[0, 1, 1, 2, 0]]), two_object_masks(16)))
+    loss, layout = place_loss(unet, context, torch.ones(1, 5, dtype=torch.bool), Grounding(torch.tensor([[0, 1, 1, 2, 0]]), two_object_masks(16)))
     loss.backward()
     assert loss > 0 and context.grad is None
     assert unet.placer.to_centre.weight.grad.abs().sum() > 0
+    assert layout.shape == (1,) and 0 <= int(layout) < unet.config.text_place_layouts
+
+
+def test_each_image_follows_the_proposed_layout_nearest_its_masks():
+    from diffusion.model.text_placer import choose_layouts, layout_errors
+
+    target = torch.tensor([[[-0.5, 0.0], [0.5, 0.0], [0.0, 0.0]]]).repeat(2, 1, 1)  # (2, 3, 2); token 2 has no object
+    known = torch.tensor([[True, True, False], [False, False, False]])
+    mirrored, right = target.clone(), target.clone()
+    mirrored[:, :2, 0] *= -1  # the two objects swapped
+    right[:, 2] = 0.9  # the right layout, but for the token without an object
+    centres = torch.stack([mirrored, right], dim=2)  # (2, 3, K=2, 2)
+    errors = layout_errors(centres, target, known)  # (2, 2)
+    assert errors[0].tolist() == pytest.approx([1.0, 0.0])  # the object-less token does not count
+    generator = torch.Generator().manual_seed(0)
+    chosen = torch.stack([choose_layouts(errors, known, generator) for _ in range(20)])  # (20, 2)
+    assert (chosen[:, 0] == 1).all()  # the layout that matches the masks
+    assert set(chosen[:, 1].tolist()) == {0, 1}  # no object known: a random layout
+
+
+def test_several_layouts_learn_the_layouts_a_prompt_leaves_open():
+    """One prompt, two equally likely scenes (A left of B, or A right of B): one layout per prompt
+    learns their mean, A and B on one spot; two layouts, winner takes all, learn both scenes."""
+    from diffusion.model.text_placer import TextPlacer
+    from diffusion.training.objective import LOSER_WEIGHT
+    from diffusion.model.text_placer import choose_layouts, layout_errors
+
+    torch.manual_seed(0)
+    context = torch.randn(1, 2, 16).repeat(8, 1, 1)  # (8, 2, 16): the same two-token prompt eight times
+    scenes = torch.tensor([[[-0.5, 0.0], [0.5, 0.0]], [[0.5, 0.0], [-0.5, 0.0]]])  # (2 scenes, 2 tokens, 2)
+    target = scenes[torch.arange(8) % 2]  # (8, 2, 2)
+    known = torch.ones(8, 2, dtype=torch.bool)
+    found = {}
+    for layouts in (1, 2):
+        placer = TextPlacer(16, num_layers=1, width=16, head_dim=8, layouts=layouts)
+        optimizer = torch.optim.Adam(placer.parameters(), lr=1e-2)
+        for _ in range(300):
+            optimizer.zero_grad()
+            errors = layout_errors(placer.centres(context, None), target, known)  # (8, K)
+            nearest = errors.gather(1, choose_layouts(errors.detach(), known)[:, None])[:, 0]
+            ((1 - LOSER_WEIGHT) * nearest + LOSER_WEIGHT * errors.mean(1)).mean().backward()
+            optimizer.step()
+        found[layouts] = placer.centres(context[:1], None)[0].detach()  # (2 tokens, K, 2)
+    gap = lambda layout: (found[layout[0]][0, layout[1]] - found[layout[0]][1, layout[1]]).norm().item()
+    assert gap((1, 0)) < 0.2  # the mean: both objects on one spot
+    assert gap((2, 0)) > 0.8 and gap((2, 1)) > 0.8  # each layout a whole scene, the objects apart
+    assert found[2][0, 0, 0] * found[2][0, 1, 0] < 0  # A on the left in one, on the right in the other
 
 
 
