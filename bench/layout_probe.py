@@ -26,7 +26,7 @@ import torch
 from diffusion.data.vocabulary import BACKGROUND, PALETTE
 from diffusion.evaluation.cli import read_run_config, shapes_info
 from diffusion.evaluation.prompts import build_tasks
-from diffusion.sampling.loop import guide, initial_noise
+from diffusion.sampling.loop import guide, initial_noise, seed_layouts
 from diffusion.sampling.pipeline import TextToImagePipeline, find_model_dir
 from diffusion.sampling.settings import SamplerSettings
 from diffusion.text.relations import RELATION_AXES
@@ -62,7 +62,9 @@ def first_step_x0(pipe: TextToImagePipeline, prompts: list[str], seeds: list[int
     x = initial_noise([torch.Generator().manual_seed(s) for s in seeds], (3, size, size), "cpu") * scheduler.init_noise_sigma
     context, mask = pipe.encode(prompts)
     null, null_mask = pipe.encode([""] * len(prompts))
-    out = unet(torch.cat([x, x]), t.expand(2 * len(prompts)), torch.cat([context, null]), torch.cat([mask, null_mask]))
+    layouts = seed_layouts(seeds, unet.config.text_place_layouts)  # (B,) the placer's layout of each seed, as the sampler draws it
+    out = unet(torch.cat([x, x]), t.expand(2 * len(prompts)), torch.cat([context, null]), torch.cat([mask, null_mask]),
+               layout=torch.cat([layouts, layouts]))
     cond, uncond = out.chunk(2)
     guided = guide(cond, uncond, guidance)
     return scheduler.step(guided, t, x).pred_original_sample

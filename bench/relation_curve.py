@@ -40,7 +40,8 @@ from diffusion.evaluation.cli import read_run_config
 from diffusion.sampling.pipeline import TextToImagePipeline, find_model_dir
 from diffusion.sampling.settings import SamplerSettings
 from diffusion.text.relations import CONVERSE
-from diffusion.training.objective import make_noise_scheduler, noised
+from diffusion.training.grounding import TokenObjectTable
+from diffusion.training.objective import Grounding, make_noise_scheduler, noised, place_loss
 from diffusion.training.prepare import prepare_dataset
 
 RELATION_PATTERN = re.compile(r"\b(" + "|".join(CONVERSE) + r")\b")
@@ -98,12 +99,15 @@ def loss_by_noise_level(pipe: TextToImagePipeline, model: str, buckets: int) -> 
     true captions, and the mean gap when the relation is swapped for its converse."""
     cfg = read_run_config(find_model_dir(model))
     check_pure_noise_target(cfg)
-    data = CaptionedImageFolder(data_dirs(model)[1], cfg.data.image_size, progress=False)
+    data = CaptionedImageFolder(data_dirs(model)[1], cfg.data.image_size, masks=True, progress=False)
     picked = two_object_rows(data)
     images = data.images[picked].float() / 127.5 - 1  # (N, 3, S, S)
     captions = [data.captions[i] for i in picked]
-    true_text = pipe.encode(captions)  # (N, T, D), (N, T)
-    swapped_text = pipe.encode([converse_relations(c) for c in captions])
+    texts = [pipe.encode(c) for c in (captions, [converse_relations(c) for c in captions])]  # 2 x ((N, T, D), (N, T))
+    # A text placer's layout for each row: the one nearest the image's masks, as training picks it.
+    objects = TokenObjectTable(pipe.tokenizer, pipe.encoder.max_length)(captions, [data.word_objects[i] for i in picked])
+    grounding = Grounding(objects, data.masks[picked])
+    layouts = [place_loss(pipe.unet, *text, grounding)[1] for text in texts]  # 2 x (N,), or None without a placer
     scheduler = make_noise_scheduler(cfg.noise)
     steps = scheduler.config.num_train_timesteps
     generator = torch.Generator().manual_seed(0)
@@ -114,8 +118,8 @@ def loss_by_noise_level(pipe: TextToImagePipeline, model: str, buckets: int) -> 
         timesteps = torch.randint(low, high, (len(picked),), generator=generator)
         noisy, target = noised(scheduler, images, torch.randn(images.shape, generator=generator), timesteps)
         losses = [
-            F.mse_loss(pipe.unet(noisy, timesteps, *text).float(), target, reduction="none").mean(dim=(1, 2, 3))
-            for text in (true_text, swapped_text)
+            F.mse_loss(pipe.unet(noisy, timesteps, *text, layout=layout).float(), target, reduction="none").mean(dim=(1, 2, 3))
+            for text, layout in zip(texts, layouts)
         ]  # 2 x (N,)
         gap = losses[1] - losses[0]
         results.append({"timesteps": f"{low}-{high - 1}", "loss": losses[0].mean().item(),

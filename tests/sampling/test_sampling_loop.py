@@ -107,3 +107,25 @@ def test_the_aggregator_hook_records_the_conditional_rows_at_the_image_size(unet
     torch.testing.assert_close(maps.global_map.sum(1), torch.ones(2, 8, 8))  # each pixel's tokens sum to one
     assert sorted(maps.snapshots) == [1, 3] and len(maps.steps_aggregated) == 4
     assert sorted(maps.denoised) == [1, 3] and maps.denoised[1].shape == (2, 3, 8, 8)
+
+
+def test_each_seed_draws_its_own_layout_and_the_image_follows_it():
+    from diffusion.sampling.loop import seed_layouts
+
+    layouts = seed_layouts(range(64), 4)  # (64,)
+    assert set(layouts.tolist()) == {0, 1, 2, 3}  # every proposed layout is drawn
+    assert seed_layouts([5, 2], 4).tolist() == [int(seed_layouts([5], 4)[0]), int(seed_layouts([2], 4)[0])]  # per seed, not per batch
+    torch.manual_seed(0)
+    placed = UNet(sample_size=8, context_dim=16, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                  cross_attention_resolutions=(8, 4), self_attention_resolutions=(), head_dim=8, norm_groups=4,
+                  text_place_layers=1, text_place_width=8, text_place_layouts=2)
+    with torch.no_grad():
+        for p in placed.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    context, mask, null, null_mask = text(1)
+    images = [
+        sample(placed.eval(), DDPMScheduler(), context, mask, null, null_mask, [torch.Generator().manual_seed(0)], 2, 3.0,
+               layouts=torch.tensor([k]))
+        for k in (0, 1, 1)
+    ]
+    assert not torch.allclose(images[0], images[1]) and torch.equal(images[1], images[2])
