@@ -7,16 +7,17 @@ of ..." are 0.99 alike, where the input embeddings of "left" and "right" are 0.6
 embedding (word + position), each normalised on its own (their norms are about 11 and 0.3).
 
 A few bidirectional transformer layers, told each token's index in the prompt (which object comes
-before "left of" is the whole relation), predict each token's object centre (x, y) in [-1, 1]. A prompt
-leaves much of its layout open ("A right of B and C right of B" says nothing of A against C), and
-one regressed centre per token is the mean of every layout the prompt allows: A and C on one spot,
-a chain of three squeezed onto one line. So the placer proposes `layouts` whole layouts per prompt
-(K centres per token); training fits the one nearest the image's masks, winner takes all
-(`layout_loss`), and feeds that one to the UNet; sampling draws one per seed. A linear code of the
-chosen layout's centre is added to each token's state, so the keys and values the cross-attention
-reads carry where the object goes. The placer reads the states detached: no loss reaches the text tower through
-it, so the tower keeps its shape words (through the placer, the denoising loss made `triangle` and
-`star` 0.997 alike):
+before "left of" is the whole relation), predict each token's object centre (x, y) in [-1, 1]. A
+prompt leaves much of its layout open ("A right of B and C right of B" says nothing of A against C),
+and one regressed centre per token is the mean of every layout the prompt allows: A and C on one
+spot. So the placer proposes `layouts` whole layouts per prompt (K centres per token); training
+fits the one nearest the image's masks, winner takes all (`place_loss` in
+diffusion/training/objective.py), and shows the UNet that one; sampling draws one per seed
+(`seed_layouts` in diffusion/sampling/loop.py). A linear code of the chosen layout's centre is added
+to each token's state, so the keys and values the cross-attention reads carry where the object
+goes. The placer reads the states detached: no loss reaches the text tower through it, so the
+tower keeps its shape words (through the placer, the denoising loss made `triangle` and `star`
+0.997 alike):
 
     h       = W_in [LN(last state) | LN(input embedding)] + position(t)    (B, T, W)
     h       = bidirectional layers(h, mask)                                 (B, T, W)
@@ -69,8 +70,8 @@ class BidirectionalLayer(nn.Module):
 
 
 class TextPlacer(nn.Module):
-    """(text states (B, T, 2D): last state | input embedding, mask (B, T)) -> the states with each
-    token's predicted object centre added."""
+    """(text states (B, T, 2D): last state | input embedding, mask (B, T), layout (B,)) -> the states
+    with the code of each token's object centre in the image's layout added."""
 
     def __init__(self, dim: int, num_layers: int, width: int, head_dim: int, layouts: int = 1):
         super().__init__()
