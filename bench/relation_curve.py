@@ -170,7 +170,7 @@ def bayes_gap(model: str) -> dict:
 
 def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, size=(560, 360)) -> Image.Image:
     """A small line chart of named (x, y) series, drawn with PIL; y from 0 to the largest value (at least 1)."""
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (23, 190, 207)]
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (23, 190, 207), (188, 189, 34)]
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = 50, 30, size[0] - 170, size[1] - 40
@@ -191,7 +191,8 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label
         draw.text((at(x, y_min)[0] - 12, bottom + 5), f"{x:g}", fill="black")
     draw.text((left, 8), title, fill="black")
     draw.text(((left + right) // 2 - 20, bottom + 22), x_label, fill="black")
-    for (name, points), colour in zip(series.items(), colours):
+    for i, (name, points) in enumerate(series.items()):
+        colour = colours[i % len(colours)]  # every series drawn, however many
         draw.line([at(x, y) for x, y in points], fill=colour, width=2)
         for x, y in points:
             px, py = at(x, y)
