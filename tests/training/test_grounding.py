@@ -195,9 +195,8 @@ def test_each_image_follows_the_proposed_layout_nearest_its_masks():
 def test_several_layouts_learn_the_layouts_a_prompt_leaves_open():
     """One prompt, two equally likely scenes (A left of B, or A right of B): one layout per prompt
     learns their mean, A and B on one spot; two layouts, winner takes all, learn both scenes."""
-    from diffusion.model.text_placer import TextPlacer
+    from diffusion.model.text_placer import TextPlacer, choose_layouts, layout_errors
     from diffusion.training.objective import LOSER_WEIGHT
-    from diffusion.model.text_placer import choose_layouts, layout_errors
 
     torch.manual_seed(0)
     context = torch.randn(1, 2, 16).repeat(8, 1, 1)  # (8, 2, 16): the same two-token prompt eight times
