@@ -91,11 +91,15 @@ class TextPlacer(nn.Module):
             h = layer(h, mask)
         return torch.tanh(self.to_centre(h)).unflatten(-1, (self.layouts, 2))  # (B, T, K, 2)
 
-    def forward(self, states: torch.Tensor, mask: torch.Tensor | None, layout: torch.Tensor | None = None) -> torch.Tensor:
-        """`layout`: (B,) the layout to follow per image (None: the first)."""
-        # Read detached: no loss reaches the text tower through the placer (as none did through the
-        # oracle's side code); the tower learns only from what the cross-attention reads.
-        centres = self.centres(states.detach(), mask)  # (B, T, K, 2)
+    def forward(
+        self, states: torch.Tensor, mask: torch.Tensor | None, layout: torch.Tensor | None = None, centres: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`layout`: (B,) the layout to follow per image (None: the first); `centres`: `self.centres(states,
+        mask)` where the caller has it already (training computes it for the place loss)."""
+        if centres is None:
+            # Read detached: no loss reaches the text tower through the placer (as none did through the
+            # oracle's side code); the tower learns only from what the cross-attention reads.
+            centres = self.centres(states.detach(), mask)  # (B, T, K, 2)
         if layout is None:
             layout = torch.zeros(states.shape[0], dtype=torch.long, device=states.device)
         chosen = centres[torch.arange(states.shape[0], device=states.device), :, layout]  # (B, T, 2)

@@ -221,8 +221,10 @@ class UNet(ModelMixin, ConfigMixin):
         context_mask: torch.Tensor | None = None,
         recorder: AttentionRecorder | None = None,
         layout: torch.Tensor | None = None,
+        centres: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`layout`: (B,) which of the text placer's proposed layouts each image follows (None: the first)."""
+        """`layout`: (B,) which of the text placer's proposed layouts each image follows (None: the first);
+        `centres`: the placer's proposals (B, T, K, 2) where the caller computed them already (training)."""
         if timestep.ndim == 0:
             timestep = timestep.expand(sample.shape[0])
         # 1. The timestep embedding (plus, if configured, the pooled text) shared by all residual blocks.
@@ -230,7 +232,7 @@ class UNet(ModelMixin, ConfigMixin):
         if self.text_mlp is not None:
             emb = emb + self.text_mlp(end_token_states(context, context_mask))  # (B, 4C)
         if self.placer is not None:
-            context = self.placer(context, context_mask, layout)  # (B, T, 2D), each token told where its object goes
+            context = self.placer(context, context_mask, layout, centres)  # (B, T, 2D), each token told where its object goes
         # 2. Down path, remembering a skip after every block and downsampling.
         h = self.conv_in(sample)  # (B, C, S, S)
         skips = [h]

@@ -82,8 +82,8 @@ def diffusion_loss(
     if grounding is not None:
         alpha_bar = scheduler.alphas_cumprod.to(images.device)[timesteps]  # (B,) the signal left in each image
         recorder = GroundingLoss(grounding.token_objects, grounding.masks, weights=alpha_bar, coverage=grounding.coverage)
-    place, layout = place_loss(unet, context, context_mask, grounding)
-    prediction = unet(noisy, timesteps, context, context_mask, recorder=recorder, layout=layout)
+    place, layout, centres = place_loss(unet, context, context_mask, grounding)
+    prediction = unet(noisy, timesteps, context, context_mask, recorder=recorder, layout=layout, centres=centres)
     per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     # 3. Optional min-SNR-gamma weighting (Hang et al. 2023), expressed for the chosen target.
     if min_snr_gamma > 0:
@@ -99,23 +99,27 @@ def diffusion_loss(
 LOSER_WEIGHT = 0.05
 
 
-def place_loss(
-    unet: torch.nn.Module, context: torch.Tensor, context_mask: torch.Tensor, grounding: Grounding | None
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The text placer's loss and the layout each image follows, (scalar, (B,)); (None, None) without a
+class Placement(NamedTuple):
+    loss: torch.Tensor | None  # scalar
+    layout: torch.Tensor | None  # (B,) the layout each image follows
+    centres: torch.Tensor | None  # (B, T, K, 2) the placer's proposals, handed to the UNet (computed once per step)
+
+
+def place_loss(unet: torch.nn.Module, context: torch.Tensor, context_mask: torch.Tensor, grounding: Grounding | None) -> Placement:
+    """The text placer's loss, the layout each image follows and the proposals; all None without a
     placer or grounding. Each proposed layout's error is the squared distance from its grounded tokens'
     centres to their masks' centres (diffusion.model.text_placer); the nearest layout takes the loss and
     is the one the UNet is shown."""
     placer = getattr(getattr(unet, "module", unet), "placer", None)  # accelerate may wrap the UNet
     if placer is None or grounding is None:
-        return None, None
-    centres = placer.centres(context.detach(), context_mask).float()  # (B, T, K, 2); trains the placer, not the tower
+        return Placement(None, None, None)
+    centres = placer.centres(context.detach(), context_mask)  # (B, T, K, 2); trains the placer, not the tower
     target, known = object_centres(grounding.masks, grounding.token_objects[:, : context.shape[1]])  # (B, T, 2), (B, T)
-    errors = layout_errors(centres, target, known)  # (B, K)
+    errors = layout_errors(centres.float(), target, known)  # (B, K)
     layout = choose_layouts(errors.detach(), known)  # (B,)
     grounded = known.any(dim=1)  # (B,) images with at least one grounded token
     if not grounded.any():
-        return centres.sum() * 0.0, layout
+        return Placement(centres.float().sum() * 0.0, layout, centres)
     nearest = errors.gather(1, layout[:, None])[:, 0]  # (B,)
     per_image = (1 - LOSER_WEIGHT) * nearest + LOSER_WEIGHT * errors.mean(dim=1)  # (B,)
-    return per_image[grounded].mean(), layout
+    return Placement(per_image[grounded].mean(), layout, centres)

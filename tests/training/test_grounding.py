@@ -168,7 +168,7 @@ def test_the_place_loss_trains_the_placer_and_leaves_the_text_states_alone(cache
     torch.manual_seed(0)
     unet = build_unet(tiny_config(cache_dir, "unet.text_place_layers=1"), context_dim=8)
     context = torch.randn(1, 5, 8, requires_grad=True)
-    loss, layout = place_loss(unet, context, torch.ones(1, 5, dtype=torch.bool), Grounding(torch.tensor([[0, 1, 1, 2, 0]]), two_object_masks(16)))
+    loss, layout, _ = place_loss(unet, context, torch.ones(1, 5, dtype=torch.bool), Grounding(torch.tensor([[0, 1, 1, 2, 0]]), two_object_masks(16)))
     loss.backward()
     assert loss > 0 and context.grad is None
     assert unet.placer.to_centre.weight.grad.abs().sum() > 0
