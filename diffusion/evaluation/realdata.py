@@ -104,10 +104,13 @@ def r_precision(images: torch.Tensor, captions: torch.Tensor, candidates: torch.
 def kid(x: torch.Tensor, y: torch.Tensor, subsets: int = KID_SUBSETS, seed: int = 0) -> tuple[float, float]:
     """KID x 1000 between unit embeddings x (N, P) and y (M, P): mean and std over random subsets of up to 100.
 
-    The kernel is KID's (a.b / d + 1)^3 on features scaled to norm sqrt(d), i.e. (a.b + 1)^3 on unit vectors."""
+    The kernel is KID's (a.b / d + 1)^3 on features scaled to norm sqrt(d), i.e. (a.b + 1)^3 on unit vectors.
+    Two sets of exactly the subset size have one subset, the whole sets: its value, and a spread of 0."""
     size = min(len(x), len(y), 100)
     if size < 2:
         raise ValueError("KID needs at least 2 images on each side")
+    if len(x) == len(y) == size:
+        subsets = 1
     generator = torch.Generator().manual_seed(seed)
     off_diagonal = 1 - torch.eye(size, dtype=torch.float64)
     values = []
@@ -119,7 +122,7 @@ def kid(x: torch.Tensor, y: torch.Tensor, subsets: int = KID_SUBSETS, seed: int 
         within = ((kxx + kyy) * off_diagonal).sum() / (size * (size - 1))
         values.append(1000 * (within - 2 * kxy.mean()).item())
     values = torch.tensor(values)
-    return values.mean().item(), values.std().item()
+    return values.mean().item(), (values.std().item() if len(values) > 1 else 0.0)
 
 
 def blurred(image: Image.Image) -> Image.Image:

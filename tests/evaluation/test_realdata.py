@@ -36,6 +36,13 @@ def test_kid_is_near_zero_for_one_distribution_and_grows_with_the_shift():
     assert abs(same) < near < far
 
 
+def test_kid_of_two_whole_sets_has_no_spread_and_subsets_of_larger_sets_do():
+    whole = kid(unit(100, seed=1, shift=0.5), unit(100, seed=2))
+    sampled = kid(unit(300, seed=1, shift=0.5), unit(100, seed=2))
+    assert whole[1] == 0.0 and whole[0] > 0
+    assert sampled[1] > 0
+
+
 def test_blurring_keeps_the_colours_and_loses_the_edges():
     image = Image.new("RGB", (32, 32), "white")
     image.paste((255, 0, 0), (8, 8, 24, 24))
