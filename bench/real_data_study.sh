@@ -20,9 +20,9 @@ overrides() {  # a variant's config overrides
   case $1 in
     default) echo "" ;;
     frozen-text) echo "train.text_encoder_lr=0" ;;
-    wide) echo "unet.base_channels=64" ;;  # twice the width: 4x the convolutions' work per step
-    narrow) echo "unet.base_channels=16 unet.head_dim=16" ;;  # half the width (same heads): more images seen
-    64px) echo "data.image_size=64 unet.channel_mults=[1,1,2,4]" ;;  # the default's levels, a 32-channel one above
+    wide) echo "unet.base_channels=64" ;;  # four times the default's width (twice the 4M UNet's of the 2026-12-02 study)
+    narrow) echo "unet.base_channels=16 unet.head_dim=16" ;;  # the default since c5b9774 (half the 4M UNet's width): no change now
+    64px) echo "data.image_size=64 unet.channel_mults=[1,1,2,4]" ;;  # the default's levels and one more above them
     min-snr) echo "train.min_snr_gamma=5" ;;  # Min-SNR loss weighting (Hang et al. 2023)
     caption-dropout) echo "train.caption_dropout=0.2" ;;  # twice the default's empty captions, for guidance
     small-batch) echo "train.batch_size=32" ;;  # half the default's batch: twice the steps for the same images
