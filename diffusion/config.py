@@ -169,7 +169,7 @@ class NoiseConfig:
 @dataclass
 class TrainConfig:
     seed: int = ranged(0, ge=0)
-    batch_size: int = ranged(64, ge=1)
+    batch_size: int = ranged(128, ge=1)
     learning_rate: float = ranged(1e-3, gt=0)
     warmup_steps: int = ranged(200, ge=0)
     lr_schedule: str = "constant"  # or "cosine" (decays to zero at max_steps)
