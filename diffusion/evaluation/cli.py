@@ -18,9 +18,10 @@ not averaged.
 
 Generation quality on your own data (diffusion.evaluation.realdata): --captions distinct captions of
 the held-out split (data.test_fraction, or the folder's test/) and of the training split are sampled
-with each seed; the dataset's own tiny CLIP scores each image by R-precision (its caption ranked
-first among 100) and each set by KID against the real images of those captions, beside the real
-images themselves, the same blurred, and random training images.
+with each seed; a tiny CLIP trained on the dataset's captions with another seed than the UNet's text
+tower scores each image by R-precision (its caption ranked first among 100) and each set by KID against
+the real images of those captions, beside the real images themselves, the same blurred, and random
+training images.
 
 Attention localisation (in the manner of DAAM): the sampler writes each image's word maps
 (`<name>.attn/maps.npz`, `manifest.json`), which are read back; each colour and shape word's map,
@@ -240,7 +241,7 @@ def user_localisation(rows: list[MaskRow], samples_dir: Path, masks_file: str) -
 
 
 def real_data_section(cfg, splits, pool: list[str], samples_dir: Path, seeds: list[int]) -> dict:
-    """R-precision and KID of each split's generated images, judged by the dataset's own tiny CLIP."""
+    """R-precision and KID of each split's generated images, judged by a tiny CLIP independent of the UNet's text tower."""
     from PIL import Image
 
     from diffusion.evaluation.realdata import CANDIDATES, Judge, score_split

@@ -71,7 +71,8 @@ def real_data_markdown(real: dict) -> list[str]:
     lines = [
         "## Generation quality on the dataset's own images",
         "",
-        f"Judged by the dataset's own tiny CLIP (`{real['judge']}`): R-precision is the share of images whose own "
+        f"Judged by a tiny CLIP trained on the dataset's own captions with another seed than the UNet's text tower "
+        f"(`{real['judge']}`), so it shares none of its weights: R-precision is the share of images whose own "
         f"caption the judge ranks first among {real['candidates']}; KID x 1000 is measured against the real images "
         "of the same captions (lower is closer; the spread is over random subsets).",
         "",

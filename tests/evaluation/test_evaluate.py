@@ -3,6 +3,7 @@
 import json
 import shutil
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,14 +12,16 @@ from PIL import Image
 
 from diffusion.data.shapes import SceneObject, dataset_info, describe, render_scene
 from diffusion.config import ShapesConfig
-from diffusion.evaluation.cli import main
+from diffusion.evaluation.cli import main, read_run_config
 from diffusion.evaluation.detector import DetectorSettings, detect
 from diffusion.evaluation.fidelity import ImageRecord, evaluate_fidelity
 from diffusion.evaluation.localisation import score_map, score_uniform
 from diffusion.evaluation.prompts import Task, build_tasks, check
 from diffusion.evaluation.report import TILE_WIDTH, failure_grid
 from diffusion.text.relations import RELATIONS
+from diffusion.sampling.pipeline import find_model_dir
 from diffusion.training.loop import train
+from diffusion.training.prepare import prepare_text_encoder
 
 from conftest import tiny_config
 
@@ -205,6 +208,9 @@ def test_user_data_is_judged_by_its_own_clip_beside_real_images_and_baselines(us
     results = json.loads((out / "results.json").read_text())
     real = results["real_data"]
     assert "tiny-clip" in real["judge"] and real["candidates"] == 100 and results["images"] == 2 * 6 * 2  # no caption in both
+    cfg = read_run_config(find_model_dir(user_data_model))
+    unet_tower = prepare_text_encoder(cfg.text_encoder, cfg.data, Path(cfg.cache_dir))  # cached by training
+    assert Path(real["judge"]).is_dir() and Path(real["judge"]) != Path(unet_tower)  # the judge is not the UNet's tower
     assert [s["split"] for s in real["splits"]] == ["held-out captions", "training captions"]
     for split in real["splits"]:
         rows = split["rows"]
