@@ -20,7 +20,7 @@ SEEDS=${SEEDS:-1}
 overrides() {  # a variant's config overrides
   case $1 in
     default) echo "" ;;
-    tuned-text) echo "train.text_encoder_lr=3e-4" ;;  # the text tower tuned, as the shapes default does
+    tuned-text) echo "train.text_encoder_lr=3e-4" ;;  # the tower tuned at the config default's rate (train.text_encoder_lr), as on shapes
     wide) echo "unet.base_channels=64" ;;  # four times the default's width (twice the 4M UNet's of the 2026-12-02 study)
     narrow) echo "unet.base_channels=16 unet.head_dim=16" ;;  # the default since c5b9774 (half the 4M UNet's width): no change now
     64px) echo "data.image_size=64 unet.channel_mults=[1,1,2,4]" ;;  # the default's levels and one more above them
