@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from diffusion.devices import add_device_argument
 from diffusion.errors import UserError, exit_on_user_error
 from diffusion.sampling.settings import SamplerSettings
 
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--out", help="output folder (default outputs/samples/<run name>)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing images with the same names")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    add_device_argument(parser)
     parser.add_argument("--html", action="store_true", help="also write report.html, a page to explore the maps in a browser")
     maps = parser.add_argument_group("attention maps")
     maps.add_argument("--no-maps", action="store_true", help="do not record or save attention maps")
@@ -52,6 +53,8 @@ def check_args(args: argparse.Namespace) -> SamplerSettings:
         raise UserError('give at least one --prompt "..." or a --prompts-file')
     if args.html and args.no_maps:
         raise UserError("--html makes a page of the attention maps, which --no-maps turns off; drop one of the two")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file; --out names the folder the images go into: choose a folder")
     return settings
 
 
@@ -76,12 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         keep_layers=not args.no_layer_maps, snapshot_every=args.maps_every, timestep_range=window
     )
 
+    from diffusion.devices import use_device
+
+    device = use_device(args.device)  # before anything is loaded: a missing GPU is said at once
     model_dir = find_model_dir(args.model)
     run_name = model_dir.parent.name if model_dir.name == "model" else model_dir.name
     out_dir = Path(args.out) if args.out else Path("outputs/samples") / run_name
     jobs = plan_jobs(prompts, seeds)
     check_outputs_free(jobs, out_dir, args.overwrite)
-    pipe = TextToImagePipeline.from_run(model_dir, device=args.device)
+    pipe = TextToImagePipeline.from_run(model_dir, device=device)
     warn_about_split_words(pipe, prompts)
     written = generate(
         pipe, jobs, out_dir, sampler, args.batch_size, args.negative_prompt, map_settings,

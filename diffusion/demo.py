@@ -22,6 +22,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from diffusion.devices import add_device_argument, use_device
 from diffusion.errors import UserError, exit_on_user_error
 from diffusion.sampling.settings import SCHEDULER_NAMES, SamplerSettings
 
@@ -53,12 +54,13 @@ def number(value, name: str, whole: bool = False) -> float | int:
 class Demo:
     """The loaded model and what one request does with it; the web page is `build_app`."""
 
-    def __init__(self, model: str | Path, device: str = "cpu"):
+    def __init__(self, model: str | Path, device: str = "auto"):
         from diffusion.sampling.pipeline import TextToImagePipeline, find_model_dir
 
+        chosen = use_device(device)  # a missing GPU is said before the model is loaded
         self.model_dir = find_model_dir(model)
         self.name = self.model_dir.parent.name if self.model_dir.name == "model" else self.model_dir.name
-        self.pipe = TextToImagePipeline.from_run(self.model_dir, device=device)
+        self.pipe = TextToImagePipeline.from_run(self.model_dir, device=chosen)
 
     def page(self, prompt: str, compare: str, seed, settings: SamplerSettings, progress: bool = False) -> tuple[str, list[str]]:
         """The viewer's page (HTML) of `prompt` (and `compare`, same seed), and the notes the sampler raised."""
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="a run folder (outputs/runs/<name>) or an exported model folder")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:

@@ -48,6 +48,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from diffusion.devices import add_device_argument, use_device
 from diffusion.errors import UserError, exit_on_user_error
 from diffusion.evaluation.detector import DetectorSettings
 from diffusion.evaluation.fidelity import ImageRecord, evaluate_fidelity
@@ -209,7 +210,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a model of your own data: captions per split (held-out, training) to sample (default 100)")
     parser.add_argument("--masks", help="JSONL of {prompt, seed, masks: {word: mask.png}} for attention localisation")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    add_device_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="resample images already in the output folder")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -220,6 +221,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.captions < 2:
         raise UserError("--captions must be at least 2 (KID compares sets of images)")
     args.sampler = SamplerSettings.from_args(args)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out} is a file; --out names the folder the evaluation writes into: choose a folder")
+    args.device = use_device(args.device)  # a missing GPU is said before anything is sampled
     return args
 
 

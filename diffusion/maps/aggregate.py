@@ -89,7 +89,7 @@ class AttentionAggregator(SamplingHook):
         every = self.settings.snapshot_every
         if every > 0 and (step_index + 1) % every == 0 and self.sums:
             self.snapshots[step_index] = self._global(self._layer_means())
-            self.denoised[step_index] = denoised.detach().clamp(-1, 1).cpu()
+            self.denoised[step_index] = denoised.detach().float().clamp(-1, 1)  # on the device until the pipeline hands it over
 
     def _upsample(self, maps: torch.Tensor) -> torch.Tensor:
         if maps.shape[-1] == self.image_size:

@@ -115,17 +115,18 @@ def sample(
     row_layouts = torch.cat([layouts, layouts]) if guided and layouts is not None else layouts  # one per row
     # Schedulers that add noise in their step (DDPM) draw it from each image's own generator.
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    for i, t in enumerate(scheduler.timesteps):
+    # The timesteps as device tensors for the UNet and as host integers for the hooks (read once, not per step).
+    for i, (t, t_host) in enumerate(zip(scheduler.timesteps, scheduler.timesteps.tolist())):
         # 0. Hooks may move x_t first (layout guidance), through a conditional pass they can differentiate.
         def denoise(x_t: torch.Tensor, recorder: AttentionRecorder, t=t) -> torch.Tensor:
             return unet(scheduler.scale_model_input(x_t, t), t.expand(b), text, text_mask, recorder=recorder, layout=layouts)
 
         for hook in hooks:
-            x = hook.before_step(i, int(t), x, denoise)
+            x = hook.before_step(i, t_host, x, denoise)
         # 1. Model output for the conditional and unconditional rows in one pass.
-        recorder = _one_recorder([r for hook in hooks if (r := hook.recorder(i, int(t))) is not None])
+        recorder = _one_recorder([r for hook in hooks if (r := hook.recorder(i, t_host)) is not None])
         x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-        out = unet(x_in, t.expand(x_in.shape[0]), context, context_mask, recorder=recorder, layout=row_layouts)
+        out = unet(x_in, t.expand(x_in.shape[0]), context, context_mask, recorder=recorder, layout=row_layouts).float()
         # 2. Classifier-free guidance.
         if guided:
             cond, uncond = out.chunk(2)  # (B, C, S, S) each
@@ -134,5 +135,5 @@ def sample(
         step = scheduler.step(out, t, x, **step_kwargs)
         x = step.prev_sample
         for hook in hooks:
-            hook.after_step(i, int(t), denoised_estimate(scheduler, step))
+            hook.after_step(i, t_host, denoised_estimate(scheduler, step))
     return x.clamp(-1, 1)

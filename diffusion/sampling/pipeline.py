@@ -21,6 +21,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 # Models exported before the sub-packages name `diffusion.unet` in their model_index.json, and
 # diffusers loads a component's class only from a module already imported.
 import diffusion.unet  # noqa: F401
+from diffusion.devices import sampling_autocast, to_host
 from diffusion.errors import UserError
 from diffusion.maps.aggregate import AttentionAggregator, AttentionMaps, MapSettings
 from diffusion.model.unet import UNet
@@ -64,8 +65,8 @@ class PipelineOutput:
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, S, S) in [-1, 1] -> PIL images."""
-    pixels = ((images.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    """(B, 3, S, S) in [-1, 1], on the host -> PIL images."""
+    pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
 
 
@@ -157,12 +158,15 @@ class TextToImagePipeline(DiffusionPipeline):
         if callback is not None:
             hooks.append(OnStep(callback))
         scheduler = make_sampling_scheduler(settings.scheduler, self.scheduler.config)
-        images = sample(
-            self.unet, scheduler, context, mask, null_context, null_mask, generators,
-            num_steps=settings.steps, guidance_scale=settings.guidance, hooks=hooks,
-            layouts=seed_layouts(seeds, self.unet.config.text_place_layouts).to(context.device),
-        )
-        attention = self._per_image(aggregator.result(), prompts, aggregator.settings) if aggregator else None
+        with sampling_autocast(context.device):
+            images = sample(
+                self.unet, scheduler, context, mask, null_context, null_mask, generators,
+                num_steps=settings.steps, guidance_scale=settings.guidance, hooks=hooks,
+                layouts=seed_layouts(seeds, self.unet.config.text_place_layouts).to(context.device),
+            )
+        # What the caller gets crosses to the host here, and only here: images, maps, snapshots.
+        images, maps = to_host((images, aggregator.result() if aggregator else None))
+        attention = self._per_image(maps, prompts, aggregator.settings) if aggregator else None
         return PipelineOutput(images=to_pil(images), attention=attention)
 
     def _per_image(self, maps: AttentionMaps, prompts: list[str], settings: MapSettings) -> list[ImageAttention]:

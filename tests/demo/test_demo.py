@@ -29,7 +29,7 @@ def saved(finished_run, tmp_path_factory):
     """What sample.py writes for the demo's two prompts, seed and snapshot steps."""
     out = tmp_path_factory.mktemp("demo") / "samples"
     command = [
-        sys.executable, "sample.py", "--model", str(finished_run), "--prompt", PROMPT, "--prompt", COMPARE,
+        sys.executable, "sample.py", "--device", "cpu", "--model", str(finished_run), "--prompt", PROMPT, "--prompt", COMPARE,
         "--seeds", str(SEED), "--steps", str(STEPS), "--maps-every", str(snapshot_every(STEPS)), "--out", str(out),
         "--no-progress",
     ]
@@ -50,7 +50,7 @@ def page_data(page: str) -> dict:
 
 @pytest.fixture(scope="module")
 def demo(finished_run):
-    return Demo(finished_run)
+    return Demo(finished_run, device="cpu")
 
 
 def test_a_request_gives_sample_pys_images_and_maps_in_the_viewers_page(demo, saved):
@@ -105,7 +105,7 @@ def free_port() -> int:
 def app_url(finished_run):
     """`python -m diffusion.demo` on the tiny model, on a free local port; its printed address."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "diffusion.demo", "--model", str(finished_run), "--port", str(free_port())],
+        [sys.executable, "-m", "diffusion.demo", "--device", "cpu", "--model", str(finished_run), "--port", str(free_port())],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines: queue.Queue = queue.Queue()

@@ -41,7 +41,7 @@ def two_object_scene(first, second, first_x):
 @pytest.fixture(scope="module")
 def quick_eval(finished_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "tiny"
-    args = ["--model", str(finished_run), "--quick", "--seeds", "1", "--steps", "4", "--out", str(out), "--no-progress"]
+    args = ["--device", "cpu", "--model", str(finished_run), "--quick", "--seeds", "1", "--steps", "4", "--out", str(out), "--no-progress"]
     assert main(args) == 0
     return out
 
@@ -78,7 +78,7 @@ def test_files_tasks_and_baselines(quick_eval):
 
 
 def test_rerun_reuses_samples_and_refuses_other_settings(finished_run, quick_eval, capsys):
-    args = ["--model", str(finished_run), "--quick", "--seeds", "1", "--out", str(quick_eval), "--no-progress"]
+    args = ["--device", "cpu", "--model", str(finished_run), "--quick", "--seeds", "1", "--out", str(quick_eval), "--no-progress"]
     assert main([*args, "--steps", "4"]) == 0
     assert "0 image(s) sampled" in capsys.readouterr().out
     assert main([*args, "--steps", "5"]) == 2
@@ -104,7 +104,7 @@ def test_rerun_reuses_samples_and_refuses_other_settings(finished_run, quick_eva
     ],
 )
 def test_bad_sampler_flags(finished_run, tmp_path, capsys, flags, message):
-    assert main(["--model", str(finished_run), "--out", str(tmp_path / "eval"), *flags]) == 2
+    assert main(["--device", "cpu", "--model", str(finished_run), "--out", str(tmp_path / "eval"), *flags]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "eval").exists()
 
 
@@ -197,13 +197,13 @@ def user_data_model(cache_dir, tmp_path_factory):
             f.write(json.dumps({"file_name": f"pics/{k}.png", "caption": row["text"]}) + "\n")
     overrides = [f"data.dataset={root / 'my_images'}", "data.caption_column=caption", "data.test_fraction=0.2",
                  "train.max_steps=10", "train.validate_every=0"]
-    train(tiny_config(cache_dir, *overrides), output_dir=str(root / "mine"), progress=False)
+    train(tiny_config(cache_dir, *overrides), output_dir=str(root / "mine"), progress=False, device="cpu")
     return root / "mine"
 
 
 def test_user_data_is_judged_by_its_own_clip_beside_real_images_and_baselines(user_data_model, tmp_path, capsys):
     out = tmp_path / "eval"
-    args = ["--model", str(user_data_model), "--captions", "6", "--seeds", "2", "--steps", "2", "--out", str(out)]
+    args = ["--device", "cpu", "--model", str(user_data_model), "--captions", "6", "--seeds", "2", "--steps", "2", "--out", str(out)]
     assert main([*args, "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
     real = results["real_data"]
@@ -232,7 +232,7 @@ def test_user_data_localisation_from_masks(user_data_model, tmp_path, capsys):
     ]
     (tmp_path / "masks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "eval"
-    args = ["--model", str(user_data_model), "--masks", str(tmp_path / "masks.jsonl"), "--steps", "3", "--out", str(out),
+    args = ["--device", "cpu", "--model", str(user_data_model), "--masks", str(tmp_path / "masks.jsonl"), "--steps", "3", "--out", str(out),
             "--captions", "2", "--seeds", "1"]
     assert main([*args, "--no-progress"]) == 0
     assert "'dog' is not a word" in capsys.readouterr().err
@@ -255,17 +255,17 @@ def test_user_masks_are_scored_even_where_the_training_data_is_gone(user_data_mo
     (model / "config.yaml").write_text(yaml.safe_dump(config))
     Image.new("L", (16, 16), 255).save(tmp_path / "all.png")
     (tmp_path / "masks.jsonl").write_text(json.dumps({"prompt": "a cat", "seed": 0, "masks": {"cat": "all.png"}}) + "\n")
-    args = ["--model", str(model.parent), "--masks", str(tmp_path / "masks.jsonl"), "--steps", "2", "--out", str(tmp_path / "e")]
+    args = ["--device", "cpu", "--model", str(model.parent), "--masks", str(tmp_path / "masks.jsonl"), "--steps", "2", "--out", str(tmp_path / "e")]
     assert main([*args, "--no-progress"]) == 0
     assert "warning: no real-data quality" in capsys.readouterr().err
     results = json.loads((tmp_path / "e" / "results.json").read_text())
     assert "not a folder" in results["real_data"]["skipped"] and results["localisation"][0]["counts"]["scored"] == 1
-    assert main(["--model", str(model.parent), "--out", str(tmp_path / "f")]) == 2  # without masks: nothing to measure
+    assert main(["--device", "cpu", "--model", str(model.parent), "--out", str(tmp_path / "f")]) == 2  # without masks: nothing to measure
 
 
 def test_bad_masks_file_is_a_clear_error(user_data_model, tmp_path, capsys):
     (tmp_path / "masks.jsonl").write_text('{"prompt": "a cat", "seed": 0, "masks": {"cat": "missing.png"}}\n')
-    args = ["--model", str(user_data_model), "--masks", str(tmp_path / "masks.jsonl"), "--out", str(tmp_path / "e")]
+    args = ["--device", "cpu", "--model", str(user_data_model), "--masks", str(tmp_path / "masks.jsonl"), "--out", str(tmp_path / "e")]
     assert main(args) == 2
     assert "line 1" in capsys.readouterr().err
 

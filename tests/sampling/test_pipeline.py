@@ -30,7 +30,7 @@ def pixels(image):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "sample.py", "--no-progress", *args], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "sample.py", "--device", "cpu", "--no-progress", *args], cwd=ROOT, capture_output=True, text=True)
 
 
 def test_same_seed_same_image_alone_or_in_a_batch(pipe):
@@ -132,6 +132,10 @@ def test_cli_never_overwrites_without_asking(finished_run, tmp_path):
     before = (tmp_path / "a-red-circle_seed0.png").read_bytes()
     again = run_cli(*args)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert (tmp_path / "a-red-circle_seed0.png").read_bytes() == before
+    # --out naming a file (the image itself, say) is refused, the file left as it was.
+    file_out = run_cli("--model", str(finished_run), "--prompt", "a red circle", "--out", str(tmp_path / "a-red-circle_seed0.png"))
+    assert file_out.returncode == 2 and "is a file; --out names the folder" in file_out.stderr and "Traceback" not in file_out.stderr
     assert (tmp_path / "a-red-circle_seed0.png").read_bytes() == before
     assert run_cli(*args, "--overwrite").returncode == 0
 

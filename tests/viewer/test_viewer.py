@@ -185,7 +185,7 @@ def samples(finished_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("viewer") / "samples"
     result = subprocess.run(
         [
-            sys.executable, "sample.py", "--model", str(finished_run), "--prompt", "a red circle left of a blue square",
+            sys.executable, "sample.py", "--device", "cpu", "--model", str(finished_run), "--prompt", "a red circle left of a blue square",
             "--prompt", "a zebra circle", "--seeds", "0-1", "--maps-every", "1", "--steps", "3", "--out", str(out),
             "--html", "--no-progress",
         ],
