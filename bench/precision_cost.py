@@ -49,7 +49,7 @@ def main() -> None:
         for bf16 in (False, True) if r % 2 == 0 else (True, False):
             times[bf16].append(step(bf16))
     fp32, bf16 = statistics.median(times[False]), statistics.median(times[True])
-    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}; auto takes: {resolve_precision('auto', False)[0]}")
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}; auto takes: {resolve_precision('auto', torch.device('cpu'))[0]}")
     print(f"fp32 {fp32:.2f} s/step, bf16 {bf16:.2f} s/step (medians of {args.rounds}); bf16 / fp32 = {bf16 / fp32:.2f}")
 
 

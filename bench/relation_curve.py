@@ -106,7 +106,7 @@ def loss_by_noise_level(pipe: TextToImagePipeline, model: str, buckets: int) -> 
     texts = [pipe.encode(c) for c in (captions, [converse_relations(c) for c in captions])]  # 2 x ((N, T, D), (N, T))
     # A text placer's layout for each row: the one nearest the image's masks, as training picks it.
     objects = TokenObjectTable(pipe.tokenizer, pipe.encoder.max_length)(captions, [data.word_objects[i] for i in picked])
-    grounding = Grounding(objects, data.masks[picked])
+    grounding = Grounding(objects, data.masks[picked], data.num_objects)
     layouts = [place_loss(pipe.unet, *text, grounding).layout for text in texts]  # 2 x (N,), or None without a placer
     scheduler = make_noise_scheduler(cfg.noise)
     steps = scheduler.config.num_train_timesteps

@@ -52,9 +52,9 @@ def main() -> None:
     with_embeddings = TextEncoder(encoder.tokenizer, placed_tower, input_embeddings=True)
     placed_states = TunedTextStates(with_embeddings, batch.captions, placed_tower)  # (B, T, 2D)
     rows = frozen_states.rows(batch.captions)
-    grounding = Grounding(table(batch.captions, batch.word_objects), batch.masks, cfg.train.grounding_coverage)
+    grounding = Grounding(table(batch.captions, batch.word_objects), batch.masks, dataset.num_objects, cfg.train.grounding_coverage)
     scheduler = make_noise_scheduler(cfg.noise)
-    precision, _ = resolve_precision(cfg.train.mixed_precision, torch.cuda.is_available())  # as training resolves it
+    precision, _ = resolve_precision(cfg.train.mixed_precision, torch.device("cpu"))  # as training on this CPU resolves it
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     layers = cfg.unet.text_place_layers or 2

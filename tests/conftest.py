@@ -36,5 +36,5 @@ def cache_dir(tmp_path_factory):
 def finished_run(cache_dir, tmp_path_factory):
     """A tiny run trained to its end (40 steps), with checkpoints at 20 and 40 and an export."""
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    train(tiny_config(cache_dir), output_dir=str(run_dir), progress=False)
+    train(tiny_config(cache_dir), output_dir=str(run_dir), progress=False, device="cpu")
     return run_dir

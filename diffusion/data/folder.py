@@ -331,6 +331,15 @@ class CaptionedImageFolder(Dataset):
         """Every distinct caption a batch can hold (before hflip's swaps), in row order."""
         return list(dict.fromkeys(c for captions in self.caption_sets for c in captions))
 
+    @cached_property
+    def num_objects(self) -> int:
+        """1 + the largest object id that the masks or word_objects hold (0 without masks): a bound on every
+        batch's ids, fixed once, so that no training step has to read a batch's masks back to find it."""
+        if self.masks is None:
+            return 0
+        largest_named = max((max(objects, default=0) for objects in self.word_objects), default=0)
+        return max(int(self.masks.max()) if len(self.masks) else 0, largest_named) + 1
+
     def draw_caption(self, row: int) -> str:
         """The row's caption, or one of its several drawn at random (torch's global RNG)."""
         captions = self.caption_sets[row]

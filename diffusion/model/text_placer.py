@@ -117,5 +117,6 @@ def layout_errors(centres: torch.Tensor, target: torch.Tensor, known: torch.Tens
 def choose_layouts(errors: torch.Tensor, known: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Per image, the layout nearest the truth; a random one where no token's object is known: (B,)."""
     nearest = errors.argmin(dim=1)  # (B,)
-    random = torch.randint(errors.shape[1], nearest.shape, generator=generator).to(nearest.device)
+    device = nearest.device if generator is None else generator.device  # a generator draws on its own device
+    random = torch.randint(errors.shape[1], nearest.shape, generator=generator, device=device).to(nearest.device)
     return torch.where(known.any(dim=1), nearest, random)  # (B,)

@@ -7,11 +7,16 @@ training_state.json is there.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from safetensors import safe_open
 
 from diffusion.config import Config, save_config
 from diffusion.errors import UserError
@@ -19,6 +24,9 @@ from diffusion.files import commit_dir, staging_dir
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
+
+
+logger = logging.getLogger("diffusion")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -37,22 +45,59 @@ def list_checkpoints(checkpoint_root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def damage(checkpoint: Path) -> str | None:
+    """What makes a checkpoint unreadable (a file cut short by a full disk or a crash), or None if every
+    file reads whole: safetensors files by their header, torch.save's zip files by their directory and CRCs."""
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, "pt"):
+                    pass
+            elif path.suffix in (".bin", ".pkl", ".pt"):
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+                if bad is not None:
+                    return f"{path.name} is damaged ({bad} fails its checksum)"
+        except Exception as error:  # SafetensorError has no narrower base class
+            return f"{path.name} cannot be read ({str(error).splitlines()[0][:120]})"
+    return None
+
+
 def resolve_resume(run_dir: Path, resume: str) -> Path:
-    """`--resume latest` or `--resume <checkpoint folder>` -> the checkpoint folder to load."""
+    """`--resume latest` -> the newest complete, readable checkpoint (saying which newer ones are damaged);
+    `--resume <checkpoint folder>` -> that folder, if it is whole."""
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
     if resume == "latest":
-        checkpoints = list_checkpoints(run_dir / "checkpoints")
         if not checkpoints:
             raise CheckpointError(
                 f"--resume latest: {run_dir / 'checkpoints'} holds no complete checkpoint. Start a new run "
                 "without --resume, or point --output-dir at the run folder you mean to continue."
             )
-        return checkpoints[-1][1]
+        damaged = []
+        for _, path in reversed(checkpoints):
+            problem = damage(path)
+            if problem is None:
+                for bad, why in damaged:
+                    logger.warning("%s is damaged (%s): resuming from %s, the newest whole checkpoint. The damaged folder is "
+                                   "left as it is until this run writes that step again.", bad, why, path.name)
+                return path
+            damaged.append((path, problem))
+        raise CheckpointError(
+            f"--resume latest: every checkpoint in {run_dir / 'checkpoints'} is damaged ("
+            + "; ".join(f"{path.name}: {why}" for path, why in damaged)
+            + "). Nothing can be resumed: start the run again with another --output-dir."
+        )
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(
             f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}). Use 'latest' or a "
             f"checkpoint-NNNNNN folder under {run_dir / 'checkpoints'}."
         )
+    problem = damage(path)
+    if problem is not None:
+        whole = [p for _, p in reversed(checkpoints) if p.resolve() != path.resolve() and damage(p) is None]
+        fix = f"Resume from {whole[0]}, the newest whole checkpoint." if whole else "No whole checkpoint is left to resume from."
+        raise CheckpointError(f"--resume {resume}: the checkpoint is damaged: {problem}. {fix}")
     return path
 
 
@@ -82,8 +127,18 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, cfg: Config, state:
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str, cfg: Config, context_dim: int) -> dict:
-    """Load the checkpoint `--resume` names into the prepared objects; returns its state."""
+def restore_onto_device(averages: list[EMAModel], device: torch.device) -> None:
+    """Put the training state that is not a prepared module on the training device: the EMA weights (accelerate
+    loads such custom state onto the CPU). Called once after preparation and again after every load."""
+    for average in averages:
+        average.to(device)
+
+
+def load_checkpoint(
+    accelerator: Accelerator, run_dir: Path, resume: str, cfg: Config, context_dim: int, averages: list[EMAModel]
+) -> dict:
+    """Load the checkpoint `--resume` names into the prepared objects, every part on the training device;
+    returns its state."""
     checkpoint = resolve_resume(run_dir, resume)
     state = read_state(checkpoint)
     own_config = (
@@ -101,4 +156,5 @@ def load_checkpoint(accelerator: Accelerator, run_dir: Path, resume: str, cfg: C
         raise CheckpointError(
             f"{checkpoint} does not fit the model this config builds ({str(error).splitlines()[0][:200]}). {own_config}"
         ) from None
+    restore_onto_device(averages, accelerator.device)
     return {**state, "checkpoint": checkpoint}

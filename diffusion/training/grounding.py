@@ -55,15 +55,17 @@ class TokenObjectTable:
 class GroundingLoss:
     """An AttentionRecorder for training: adds up the grounding loss of every cross-attention layer.
 
-    token_objects: (B, T) object id per token (0: not grounded); masks: (B, S, S) object ids;
+    token_objects: (B, T) object id per token (0: not grounded); masks: (B, S, S) object ids below
+    `num_objects` (fixed per dataset, so that no step reads the masks back to the host);
     weights: (B,) per-image weight (alpha_bar of its timestep).
     """
 
-    def __init__(self, token_objects: torch.Tensor, masks: torch.Tensor, weights: torch.Tensor, coverage: float = 0.0):
+    def __init__(
+        self, token_objects: torch.Tensor, masks: torch.Tensor, num_objects: int, weights: torch.Tensor, coverage: float = 0.0
+    ):
         self.coverage = coverage
         self.token_objects = token_objects.long()
-        self.num_objects = int(masks.max()) + 1 if masks.numel() else 1
-        self.object_masks = F.one_hot(masks.long(), self.num_objects).permute(0, 3, 1, 2).float()  # (B, K, S, S)
+        self.object_masks = object_masks(masks, num_objects)  # (B, K, S, S)
         grounded = (self.token_objects > 0).float()  # (B, T)
         self.token_weights = grounded * weights[:, None].float()  # (B, T)
         self.num_grounded = grounded.sum().clamp(min=1.0)
@@ -103,17 +105,24 @@ class GroundingLoss:
         return torch.stack(list(self.per_layer.values())).mean()
 
 
-def object_centres(masks: torch.Tensor, token_objects: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def object_masks(masks: torch.Tensor, num_objects: int) -> torch.Tensor:
+    """(B, S, S) object ids below `num_objects` -> (B, K, S, S) float, 1 where pixel p shows object k."""
+    ids = torch.arange(num_objects, device=masks.device)  # (K,)
+    return (masks.long()[:, None] == ids[None, :, None, None]).float()  # (B, K, S, S)
+
+
+def object_centres(masks: torch.Tensor, token_objects: torch.Tensor, num_objects: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each token's object centre (B, T, 2), x then y in [-1, 1] (left/top = -1), and whether it has one (B, T).
 
-    masks: (B, S, S) object id per pixel; token_objects: (B, T) object id per token (0: none)."""
+    masks: (B, S, S) object id per pixel, below `num_objects`; token_objects: (B, T) object id per token (0: none)."""
     b, size, _ = masks.shape
-    objects = F.one_hot(masks.long(), int(masks.max()) + 1).permute(0, 3, 1, 2).float()  # (B, K, S, S)
+    objects = object_masks(masks, num_objects)  # (B, K, S, S)
     coords = torch.linspace(-1, 1, size, device=masks.device)  # (S,) pixel centres, left/top to right/bottom
-    area = objects.sum(dim=(2, 3)).clamp(min=1)  # (B, K)
+    pixels = objects.sum(dim=(2, 3))  # (B, K)
+    area = pixels.clamp(min=1)  # (B, K)
     x = (objects * coords[None, None, None, :]).sum(dim=(2, 3)) / area  # (B, K)
     y = (objects * coords[None, None, :, None]).sum(dim=(2, 3)) / area  # (B, K)
     centres = torch.stack([x, y], dim=-1)  # (B, K, 2)
-    ids = token_objects.long().clamp(max=centres.shape[1] - 1)  # (B, T)
-    known = (token_objects > 0) & (token_objects < centres.shape[1])  # (B, T) an object the mask holds
+    ids = token_objects.long().clamp(max=num_objects - 1)  # (B, T)
+    known = (token_objects > 0) & (pixels.gather(1, ids) > 0)  # (B, T) an object the mask shows
     return centres.gather(1, ids[..., None].expand(b, ids.shape[1], 2)), known

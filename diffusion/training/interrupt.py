@@ -31,10 +31,13 @@ class StopOnInterrupt:
         self.restore()  # the next Ctrl-C interrupts at once
         print("\nCtrl-C: stopping after this step and writing a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
 
-    def requested(self, accelerator: Accelerator) -> bool:
-        """True on every process once any process was interrupted (they must checkpoint together)."""
+    def requested(self, accelerator: Accelerator, every: int = 1, step: int = 0) -> bool:
+        """True on every process once any process was interrupted (they must checkpoint together). Several
+        processes agree on it by a reduction that waits for every device, so they ask at every `every`-th step only."""
         if accelerator.num_processes == 1:
             return self.flag
+        if step % every:
+            return False
         flag = torch.tensor([float(self.flag)], device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 

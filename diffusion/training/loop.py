@@ -9,7 +9,7 @@ tower), objective and grounding (the losses), checkpoints, validation, export.
 from __future__ import annotations
 
 import logging
-import os
+import math
 import time
 from pathlib import Path
 
@@ -20,32 +20,39 @@ from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine
 from diffusers.training_utils import EMAModel
 
 from diffusion.config import Config, TrainConfig
+from diffusion.devices import DeviceError, use_device
 from diffusion.model.unet import UNet
-from diffusion.training.batches import BatchOrder
-from diffusion.training.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from diffusion.training.batches import TrainingBatches
+from diffusion.training.checkpoints import list_checkpoints, load_checkpoint, restore_onto_device, save_checkpoint
 from diffusion.training.ema import ema_weights
 from diffusion.training.export import export_model
 from diffusion.training.interrupt import StopOnInterrupt
-from diffusion.training.objective import Grounding, diffusion_loss, make_noise_scheduler
+from diffusion.training.objective import LossTerms, diffusion_loss, make_noise_scheduler
 from diffusion.training.progress import LogWindow, TrainingProgress
 from diffusion.training.run_folder import open_run_dir, setup_logging, shared_run_dir
 from diffusion.training.setup import TrainingError, build_unet, check_can_start, prepare_training_data, resolve_precision
-from diffusion.training.text_states import CaptionRows, FrozenText, TunedText
+from diffusion.training.text_states import FrozenText, TunedText
 from diffusion.training.validation import own_validation_prompts, validate
 
 logger = logging.getLogger("diffusion")
 
 
-def train(cfg: Config, output_dir: str | None = None, resume: str | None = None, progress: bool = True) -> Path:
-    """Train `cfg` and return the run folder (which holds the exported model under model/)."""
+def train(
+    cfg: Config, output_dir: str | None = None, resume: str | None = None, progress: bool = True, device: str = "auto"
+) -> Path:
+    """Train `cfg` on `device` (auto: the GPU where there is one; cpu; cuda) and return the run folder
+    (which holds the exported model under model/)."""
     t = cfg.train
-    # 1. Checks, accelerator, the run folder's name (decided on the main process and shared).
-    check_can_start(cfg)
-    precision, why = resolve_precision(t.mixed_precision, torch.cuda.is_available())
+    # 1. Device, checks, accelerator, the run folder's name (decided on the main process and shared).
+    chosen = use_device(device)
+    if chosen.index is not None:
+        raise DeviceError(f"--device {device}: choose the GPU with CUDA_VISIBLE_DEVICES={chosen.index} and --device cuda")
+    check_can_start(cfg, chosen)
+    precision, why = resolve_precision(t.mixed_precision, chosen)
     accelerator = Accelerator(
-        # Several processes without a GPU (torchrun, or `accelerate launch --multi_gpu`) train on
-        # the CPU over gloo; accelerate only picks that backend when told the device is the CPU.
-        cpu="LOCAL_RANK" in os.environ and not torch.cuda.is_available(),
+        # On the CPU by choice, or for want of a GPU: several processes (torchrun, `accelerate launch
+        # --multi_gpu`) then train over gloo, the backend accelerate takes when told the device is the CPU.
+        cpu=chosen.type == "cpu",
         mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
         log_with="tensorboard", project_config=ProjectConfiguration(project_dir="."),
     )
@@ -82,31 +89,35 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
     unet = build_unet(cfg, data.encoder.width)
     logger.info("UNet: %.2fM parameters; %s", sum(p.numel() for p in unet.parameters()) / 1e6, text.describe())
     ema = EMAModel(
-        unet.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup, power=3 / 4, model_cls=UNet, model_config=unet.config
+        unet.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup, power=3 / 4, foreach=True,
+        model_cls=UNet, model_config=unet.config,
     )
     optimizer = torch.optim.AdamW(
         [{"params": list(unet.parameters())}, *text.parameter_groups()],
         lr=t.learning_rate, betas=(0.9, t.adam_beta2), weight_decay=t.weight_decay,
+        fused=accelerator.device.type == "cuda",  # one kernel per step for all parameters (the CPU keeps foreach)
     )
     lr_schedule = make_lr_schedule(optimizer, t)
     unet, *text_modules, optimizer = accelerator.prepare(unet, *text.to_prepare(), optimizer)
     text.prepared(tuple(text_modules), accelerator)
     accelerator.register_for_checkpointing(lr_schedule, ema, *text.checkpointed)
-    ema.to(accelerator.device)
     trained_models = (unet, *text.trained)
     trained_parameters = [p for group in optimizer.param_groups for p in group["params"]]
     noise_scheduler = make_noise_scheduler(cfg.noise)
     averaged = [(ema, accelerator.unwrap_model(unet)), *text.averages]  # the EMA weights of what is trained
+    averages = [average for average, _ in averaged]
+    restore_onto_device(averages, accelerator.device)
 
     # 4. Resume, or start from step 0 with a per-process noise stream.
     step = 0
     if resume is not None:
-        state = load_checkpoint(accelerator, run_dir, resume, cfg, data.encoder.width)
+        state = load_checkpoint(accelerator, run_dir, resume, cfg, data.encoder.width, averages)
         step = state["step"]
         logger.info("resumed from %s at step %d", state["checkpoint"], step)
     else:
         torch.manual_seed(t.seed + 7919 * (accelerator.process_index + 1))
-    order = BatchOrder(len(data.dataset), t.batch_size, t.seed, accelerator.process_index, accelerator.num_processes)
+    batches = TrainingBatches(data.dataset, text.states, data.token_objects, t, accelerator.device,
+                              accelerator.process_index, accelerator.num_processes)
 
     def checkpoint() -> None:
         state = {"step": step, "micro_step": micro_step, "context_dim": data.encoder.width}
@@ -115,28 +126,23 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
     # 5. The loop: one optimizer update per `gradient_accumulation_steps` micro-batches.
     micro_step = step * t.gradient_accumulation_steps
     bar = TrainingProgress(step, t.max_steps, t.max_minutes, enabled=progress and main)
-    started, window = time.monotonic(), LogWindow()
+    started, window, logged_at = time.monotonic(), LogWindow(), step
     with StopOnInterrupt() as interrupt:
         while step < t.max_steps:
-            batch = data.dataset.batch(order.rows(micro_step))
-            images, caption_rows, grounding = batch_inputs(batch, text.states, data.token_objects, t, accelerator.device)
+            images, caption_rows, grounding = batches(micro_step)  # on the device, as every table they come from
             with accelerator.accumulate(*trained_models):
-                context, context_mask = text.states.lookup(caption_rows, accelerator.device)  # (B, T, D), (B, T)
+                context, context_mask = text.states.lookup(caption_rows)  # (B, T, D), (B, T)
                 terms = diffusion_loss(unet, noise_scheduler, images, context, context_mask, t.min_snr_gamma, grounding)
                 loss = terms.diffusion if terms.grounding is None else terms.diffusion + t.grounding_weight * terms.grounding
                 if terms.place is not None:
                     loss = loss + t.place_weight * terms.place
-                if not torch.isfinite(loss):
-                    raise diverged(loss, step, run_dir)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.grad_clip > 0:
                     accelerator.clip_grad_norm_(trained_parameters, t.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro_step += 1
-            window.add(len(images) * accelerator.num_processes, terms.diffusion.item(),
-                       None if terms.grounding is None else terms.grounding.item(),
-                       None if terms.place is None else terms.place.item())
+            window.add(len(images) * accelerator.num_processes, logged_terms(terms))  # kept on the device
             if not accelerator.sync_gradients:
                 continue
             lr_schedule.step()
@@ -145,16 +151,25 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
             step += 1
             bar.update(step)
 
-            if step % t.log_every == 0 or step == t.max_steps:
-                scalars = window.scalars(lr_schedule.get_last_lr()[0])
+            # The host reads the device only at log lines, checkpoints and validations, not every step.
+            out_of_time = t.max_minutes > 0 and time.monotonic() - started > 60 * t.max_minutes
+            stop = interrupt.requested(accelerator, every=t.log_every, step=step)
+            log_due = step % t.log_every == 0 or step == t.max_steps
+            checkpoint_due = step % t.checkpoint_every == 0 or step == t.max_steps or out_of_time
+            validate_due = main and t.validate_every > 0 and (step % t.validate_every == 0 or step == t.max_steps or out_of_time)
+            if log_due or checkpoint_due or validate_due or stop:
+                means = window.means()
+                if not all(math.isfinite(value) for value in means.values()):
+                    raise diverged(means, logged_at, step, run_dir)  # before a checkpoint could keep the broken weights
+            if log_due:
+                scalars = window.scalars(means, lr_schedule.get_last_lr()[0])
                 accelerator.log(scalars, step=step)
                 bar.update(step, scalars["images_per_sec"], scalars["loss"])
                 logger.info(LogWindow.line(step, scalars))
-                window = LogWindow()
-            out_of_time = t.max_minutes > 0 and time.monotonic() - started > 60 * t.max_minutes
+                window, logged_at = LogWindow(), step
             if out_of_time:
                 logger.info("train.max_minutes=%g reached at step %d", t.max_minutes, step)
-            if interrupt.requested(accelerator):
+            if stop:
                 bar.close()
                 checkpoint()
                 logger.info(
@@ -163,9 +178,9 @@ def train(cfg: Config, output_dir: str | None = None, resume: str | None = None,
                 )
                 accelerator.end_training()
                 return run_dir
-            if step % t.checkpoint_every == 0 or step == t.max_steps or out_of_time:
+            if checkpoint_due:
                 checkpoint()
-            if main and t.validate_every > 0 and (step % t.validate_every == 0 or step == t.max_steps or out_of_time):
+            if validate_due:
                 with ema_weights(averaged):
                     validate(run_dir, step, averaged[0][1], data.encoder, noise_scheduler.config, t, accelerator)
             if out_of_time:
@@ -198,26 +213,25 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig):
     return get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
 
 
-def batch_inputs(batch, states, token_objects, t: TrainConfig, device) -> tuple[torch.Tensor, torch.Tensor, Grounding | None]:
-    """Images (B, C, S, S), caption rows (B,) with some dropped to the null prompt (classifier-free
-    guidance learns it), and the grounding targets of the captions kept (None without grounding)."""
-    images, captions = batch.pixels.to(device), batch.captions
-    caption_rows = states.rows(captions)
-    dropped = torch.rand(len(captions)) < t.caption_dropout  # (B,)
-    caption_rows[dropped] = CaptionRows.NULL_ROW
-    if token_objects is None:
-        return images, caption_rows, None
-    conditioned = ["" if d else c for c, d in zip(captions, dropped.tolist())]  # a dropped caption grounds nothing
-    targets = token_objects(conditioned, batch.word_objects).to(device)  # (B, T)
-    return images, caption_rows, Grounding(targets, batch.masks.to(device), t.grounding_coverage)
+def logged_terms(terms: LossTerms) -> dict[str, torch.Tensor]:
+    """The loss terms a log line shows, by their scalar names: the diffusion loss and, where trained, the others."""
+    named = {"loss": terms.diffusion, "grounding_loss": terms.grounding, "place_loss": terms.place}
+    return {name: value for name, value in named.items() if value is not None}
 
 
-def diverged(loss: torch.Tensor, step: int, run_dir: Path) -> TrainingError:
+def diverged(means: dict[str, float], logged_at: int, step: int, run_dir: Path) -> TrainingError:
+    """The error of a loss that became non-finite after step `logged_at`, at step `step` at the latest."""
+    bad = ", ".join(f"{name} {value}" for name, value in means.items() if not math.isfinite(value))
     last = list_checkpoints(run_dir / "checkpoints")
-    kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was written yet"
+    if last:
+        kept = (f"the last good checkpoint is {last[-1][1]} (this folder keeps it and the run's train.log). To start again, "
+                "use another --output-dir")
+    else:
+        kept = (f"no checkpoint was written, so nothing of this run is worth keeping but its train.log. To start again, "
+                f"remove {run_dir} or use another --output-dir")
     return TrainingError(
-        f"the loss became {loss.item()} at step {step}; training stopped and {kept}. "
-        "Lower train.learning_rate, or use mixed_precision: no."
+        f"the loss became non-finite ({bad}) between steps {logged_at + 1} and {step}; training stopped and {kept}, "
+        "with a lower train.learning_rate or train.mixed_precision: no."
     )
 
 

@@ -42,6 +42,7 @@ class Grounding(NamedTuple):
 
     token_objects: torch.Tensor
     masks: torch.Tensor
+    num_objects: int  # object ids are below this, in every batch of the dataset (CaptionedImageFolder.num_objects)
     coverage: float = 0.0  # weight of the coverage term (diffusion.training.grounding)
 
 
@@ -81,7 +82,9 @@ def diffusion_loss(
     recorder = None
     if grounding is not None:
         alpha_bar = scheduler.alphas_cumprod.to(images.device)[timesteps]  # (B,) the signal left in each image
-        recorder = GroundingLoss(grounding.token_objects, grounding.masks, weights=alpha_bar, coverage=grounding.coverage)
+        recorder = GroundingLoss(
+            grounding.token_objects, grounding.masks, grounding.num_objects, weights=alpha_bar, coverage=grounding.coverage
+        )
     place, layout, centres = place_loss(unet, context, context_mask, grounding)
     prediction = unet(noisy, timesteps, context, context_mask, recorder=recorder, layout=layout, centres=centres)
     per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
@@ -114,12 +117,12 @@ def place_loss(unet: torch.nn.Module, context: torch.Tensor, context_mask: torch
     if placer is None or grounding is None:
         return Placement(None, None, None)
     centres = placer.centres(context.detach(), context_mask)  # (B, T, K, 2); trains the placer, not the tower
-    target, known = object_centres(grounding.masks, grounding.token_objects[:, : context.shape[1]])  # (B, T, 2), (B, T)
+    tokens = grounding.token_objects[:, : context.shape[1]]  # (B, T)
+    target, known = object_centres(grounding.masks, tokens, grounding.num_objects)  # (B, T, 2), (B, T)
     errors = layout_errors(centres.float(), target, known)  # (B, K)
     layout = choose_layouts(errors.detach(), known)  # (B,)
-    grounded = known.any(dim=1)  # (B,) images with at least one grounded token
-    if not grounded.any():
-        return Placement(centres.float().sum() * 0.0, layout, centres)
     nearest = errors.gather(1, layout[:, None])[:, 0]  # (B,)
     per_image = (1 - LOSER_WEIGHT) * nearest + LOSER_WEIGHT * errors.mean(dim=1)  # (B,)
-    return Placement(per_image[grounded].mean(), layout, centres)
+    # The mean over images with at least one grounded token (0 where a batch has none), without asking the host.
+    grounded = known.any(dim=1).float()  # (B,)
+    return Placement((per_image * grounded).sum() / grounded.sum().clamp(min=1), layout, centres)

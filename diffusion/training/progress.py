@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from tqdm.auto import tqdm
 
 
@@ -59,32 +60,30 @@ class TrainingProgress:
 
 
 class LogWindow:
-    """What happened since the last log line: images seen, diffusion and grounding losses."""
+    """What happened since the last log line: images seen and each loss term's sum, kept on the device, so
+    that no step waits for it; `means` reads them to the host once per log line (or checkpoint)."""
 
     def __init__(self):
-        self.start, self.images, self.losses, self.grounding, self.place = time.monotonic(), 0, [], [], []
+        self.start, self.images, self.steps = time.monotonic(), 0, 0
+        self.names: tuple[str, ...] = ()
+        self.sums: torch.Tensor | None = None  # (terms,) on the device
 
-    def add(self, images: int, diffusion_loss: float, grounding_loss: float | None, place_loss: float | None = None) -> None:
-        self.images += images
-        self.losses.append(diffusion_loss)
-        if grounding_loss is not None:
-            self.grounding.append(grounding_loss)
-        if place_loss is not None:
-            self.place.append(place_loss)
+    def add(self, images: int, terms: dict[str, torch.Tensor]) -> None:
+        """`terms`: name -> scalar loss tensor of this step (the same names every step)."""
+        values = torch.stack([value.detach().float() for value in terms.values()])  # (terms,)
+        self.sums = values if self.sums is None else self.sums + values
+        self.names, self.images, self.steps = tuple(terms), self.images + images, self.steps + 1
 
-    def scalars(self, learning_rate: float) -> dict[str, float]:
-        """The TensorBoard scalars of the window (loss and grounding_loss are means over its steps)."""
+    def means(self) -> dict[str, float]:
+        """Each term's mean over the window (one read from the device); empty before the first step."""
+        if self.sums is None:
+            return {}
+        return dict(zip(self.names, (self.sums / self.steps).tolist()))
+
+    def scalars(self, means: dict[str, float], learning_rate: float) -> dict[str, float]:
+        """The logged scalars: the window's loss means, the learning rate and images per second."""
         elapsed = time.monotonic() - self.start
-        scalars = {
-            "loss": sum(self.losses) / len(self.losses),
-            "learning_rate": learning_rate,
-            "images_per_sec": self.images / max(elapsed, 1e-9),
-        }
-        if self.grounding:
-            scalars["grounding_loss"] = sum(self.grounding) / len(self.grounding)
-        if self.place:
-            scalars["place_loss"] = sum(self.place) / len(self.place)
-        return scalars
+        return {**means, "learning_rate": learning_rate, "images_per_sec": self.images / max(elapsed, 1e-9)}
 
     @staticmethod
     def line(step: int, s: dict[str, float]) -> str:

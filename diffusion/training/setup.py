@@ -12,6 +12,7 @@ from accelerate import Accelerator
 
 from diffusion.config import Config, ConfigError
 from diffusion.data.folder import CaptionedImageFolder, has_grounding, swap_left_right
+from diffusion.devices import native_bf16
 from diffusion.errors import UserError
 from diffusion.model.unet import UNet
 from diffusion.text.encoder import TextEncoder, TextEncoderLoadError, load_error_message
@@ -55,23 +56,29 @@ def dry_run_report(cfg: Config) -> str:
     )
 
 
-def check_can_start(cfg: Config) -> None:
+def check_can_start(cfg: Config, device: torch.device) -> None:
     """What can be checked in seconds, before minutes go into preparing data and a text encoder:
-    the dataset folder exists and the config builds a UNet."""
+    the dataset folder exists, the config builds a UNet, and the device can run its precision."""
+    resolve_precision(cfg.train.mixed_precision, device)
     if cfg.data.dataset != "shapes" and not Path(cfg.data.dataset).is_dir():
         prepare_dataset(cfg.data, Path(cfg.cache_dir))  # raises its DatasetError, which names the fix
     build_unet(cfg, text_width(cfg))
 
 
-def resolve_precision(setting: str, on_gpu: bool) -> tuple[str, str]:
+def resolve_precision(setting: str, device: torch.device) -> tuple[str, str]:
     """train.mixed_precision -> (what accelerate gets, why). "auto" takes bf16 only where the hardware
-    computes it natively: emulated bf16 on a CPU without AVX-512 is many times slower than fp32."""
+    computes it natively (emulated bf16 is many times slower): on a GPU fp16 otherwise, on a CPU fp32."""
+    if setting == "fp16" and device.type != "cuda":
+        raise TrainingError(
+            f"train.mixed_precision=fp16 is for a GPU; on the {device.type.upper()} it would train slowly in emulated "
+            "fp16. Use auto (bf16 where this CPU computes it natively, else fp32), bf16 or no."
+        )
     if setting != "auto":
         return setting, "as configured"
-    if on_gpu:
-        return ("bf16", "the GPU supports bf16") if torch.cuda.is_bf16_supported() else ("fp16", "the GPU lacks bf16")
+    if device.type == "cuda":
+        return ("bf16", "the GPU computes bf16 natively") if native_bf16(device) else ("fp16", "the GPU has no native bf16")
     capability = torch.backends.cpu.get_cpu_capability()
-    if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if native_bf16(device):
         return "bf16", f"this CPU ({capability}) computes bf16 natively"
     return "no", f"this CPU ({capability}) has no native bf16, which would run many times slower than fp32"
 

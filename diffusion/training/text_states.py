@@ -35,7 +35,7 @@ class CaptionRows:
 
 
 class TextStateCache(CaptionRows):
-    """Precomputed states (N, T, D) and masks (N, T) of a frozen encoder."""
+    """Precomputed states (N, T, D) and masks (N, T) of a frozen encoder, on the encoder's device."""
 
     def __init__(self, encoder, captions: list[str], batch_size: int = 512, progress: bool = True):
         super().__init__(captions)
@@ -43,28 +43,29 @@ class TextStateCache(CaptionRows):
         chunks = range(0, len(self.distinct), batch_size)
         for start in tqdm(chunks, desc="encoding captions", disable=not progress or len(chunks) < 4):
             s, m = encoder.encode(self.distinct[start : start + batch_size])
-            states.append(s.cpu())
-            masks.append(m.cpu())
+            states.append(s)
+            masks.append(m)
         self.states = torch.cat(states)  # (N, T, D)
         self.masks = torch.cat(masks)  # (N, T) bool
 
-    def lookup(self, rows: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) row indices -> states (B, T, D) and mask (B, T) on `device`."""
-        return self.states[rows].to(device), self.masks[rows].to(device)
+    def lookup(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) row indices, on the cache's device -> states (B, T, D) and mask (B, T)."""
+        return self.states[rows], self.masks[rows]
 
 
 class TunedTextStates(CaptionRows):
-    """Token ids (N, T) of every caption; states come from `model` (a CLIP text tower in training) at each lookup."""
+    """Token ids (N, T) of every caption, on the encoder's device; states come from `model` (a CLIP text tower
+    in training) at each lookup."""
 
     def __init__(self, encoder, captions: list[str], model: nn.Module):
         super().__init__(captions)
-        self.input_ids, self.attention_mask = (t.cpu() for t in encoder.tokenize(self.distinct))  # (N, T), (N, T)
+        self.input_ids, self.attention_mask = encoder.tokenize(self.distinct)  # (N, T), (N, T)
         self.model = model  # the (possibly accelerate-wrapped) text tower whose parameters are being trained
         self.input_embeddings = encoder.input_embeddings
 
-    def lookup(self, rows: torch.Tensor, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) row indices -> states (B, T, D), differentiable in the text tower's weights, and mask (B, T)."""
-        input_ids, attention_mask = self.input_ids[rows].to(device), self.attention_mask[rows].to(device)
+    def lookup(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) row indices, on the ids' device -> states (B, T, D), differentiable in the text tower's weights, and mask (B, T)."""
+        input_ids, attention_mask = self.input_ids[rows], self.attention_mask[rows]
         states = token_states(self.model, input_ids, attention_mask, self.input_embeddings)  # (B, T, D or 2D)
         return states, attention_mask.bool()
 
@@ -105,7 +106,7 @@ class TunedText(FrozenText):
     def __init__(self, encoder, captions: list[str], lr: float, ema_decay: float, ema_warmup: bool):
         self.encoder, self.captions, self.lr = encoder, captions, lr
         encoder.model.requires_grad_(True)
-        self.ema = EMAModel(encoder.model.parameters(), decay=ema_decay, use_ema_warmup=ema_warmup, power=3 / 4)
+        self.ema = EMAModel(encoder.model.parameters(), decay=ema_decay, use_ema_warmup=ema_warmup, power=3 / 4, foreach=True)
         self.states: TunedTextStates | None = None  # once accelerate has prepared the tower
         self.trained, self.checkpointed, self.averages = (), [self.ema], [(self.ema, encoder.model)]
 
@@ -119,7 +120,6 @@ class TunedText(FrozenText):
         (text_model,) = modules
         self.states = TunedTextStates(self.encoder, self.captions, text_model)
         self.trained = (text_model,)
-        self.ema.to(accelerator.device)
 
     def ema_step(self) -> None:
         self.ema.step(self.encoder.model.parameters())

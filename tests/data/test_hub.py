@@ -54,7 +54,7 @@ def test_missing_columns_and_splits_are_named(tmp_path):
 
 def test_a_hub_id_offline_says_how_to_use_a_local_folder(tmp_path):
     result = subprocess.run(
-        [sys.executable, "train.py", "--config", str(TINY), f"cache_dir={tmp_path / 'cache'}",
+        [sys.executable, "train.py", "--device", "cpu", "--config", str(TINY), f"cache_dir={tmp_path / 'cache'}",
          "data.dataset=someone/captioned-pictures", "--output-dir", str(tmp_path / "run")],
         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
     )

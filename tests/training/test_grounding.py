@@ -52,17 +52,17 @@ def test_loss_is_zero_on_the_object_and_the_shortfall_elsewhere():
     flat = masks.flatten(1)[0]
     on_objects[0, :, flat == 1] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # ... except object 1's, which token 1 takes
     on_objects[0, :, flat == 2] = torch.tensor([0.0, 0.0, 1.0, 0.0])
-    loss = GroundingLoss(targets, masks, weights=torch.ones(1))
+    loss = GroundingLoss(targets, masks, int(masks.max()) + 1, weights=torch.ones(1))
     loss("layer", on_objects)
     assert loss.value().item() == pytest.approx(0.0, abs=1e-6)
 
     uniform = torch.full((1, 2, 256, 4), 0.25)
-    loss = GroundingLoss(targets, masks, weights=torch.ones(1))
+    loss = GroundingLoss(targets, masks, int(masks.max()) + 1, weights=torch.ones(1))
     loss("layer", uniform)
     areas = torch.tensor([16 / 256, 64 / 256])
     assert loss.value().item() == pytest.approx(((1 - areas) ** 2).mean().item(), rel=1e-5)
 
-    noise_only = GroundingLoss(targets, masks, weights=torch.zeros(1))  # alpha_bar = 0: nothing to locate
+    noise_only = GroundingLoss(targets, masks, int(masks.max()) + 1, weights=torch.zeros(1))  # alpha_bar = 0: nothing to locate
     noise_only("layer", uniform)
     assert noise_only.value().item() == 0.0
 
@@ -70,7 +70,7 @@ def test_loss_is_zero_on_the_object_and_the_shortfall_elsewhere():
 def test_loss_pools_masks_to_each_layer_and_averages_layers():
     masks = two_object_masks()
     targets = torch.tensor([[0, 1, 2, 0]])
-    loss = GroundingLoss(targets, masks, weights=torch.ones(1))
+    loss = GroundingLoss(targets, masks, int(masks.max()) + 1, weights=torch.ones(1))
     loss("fine", torch.full((1, 1, 256, 4), 0.25))  # 16 x 16
     loss("coarse", torch.full((1, 1, 64, 4), 0.25))  # 8 x 8: masks area-pooled, same object areas
     assert set(loss.per_layer) == {"fine", "coarse"}
@@ -92,7 +92,7 @@ def two_object_batch(cache_dir, batch):
 
 def test_training_on_the_grounding_loss_moves_attention_onto_the_objects(cache_dir):
     unet, scheduler, images, masks, context, context_mask, token_ids = two_object_batch(cache_dir, 4)
-    grounding = Grounding(token_ids, masks)
+    grounding = Grounding(token_ids, masks, int(masks.max()) + 1)
 
     def fixed_terms():
         torch.manual_seed(123)  # the same timesteps and noise every time
@@ -121,7 +121,7 @@ def test_coverage_term_asks_for_the_whole_object_not_one_pixel():
     whole[0, 0, flat == 1] = torch.tensor([0.0, 1.0, 0.0])  # token 1 takes every pixel of its object
 
     def loss(probs, coverage):
-        recorder = GroundingLoss(targets, masks, weights=torch.ones(1), coverage=coverage)
+        recorder = GroundingLoss(targets, masks, int(masks.max()) + 1, weights=torch.ones(1), coverage=coverage)
         recorder("layer", probs)
         return recorder.value().item()
 
@@ -135,7 +135,7 @@ def test_object_centres_are_the_centres_of_the_masks():
 
     masks = two_object_masks(16)  # object 1 in rows/columns 2-5, object 2 in 8-15
     coords = torch.linspace(-1, 1, 16)
-    centres, known = object_centres(masks, torch.tensor([[0, 1, 1, 2, 0]]))  # (1, 5, 2), (1, 5)
+    centres, known = object_centres(masks, torch.tensor([[0, 1, 1, 2, 0]]), int(masks.max()) + 1)  # (1, 5, 2), (1, 5)
     assert known.tolist() == [[False, True, True, True, False]]
     first, second = coords[2:6].mean().item(), coords[8:16].mean().item()
     assert centres[0, 1].tolist() == pytest.approx([first, first])
@@ -168,7 +168,7 @@ def test_the_place_loss_trains_the_placer_and_leaves_the_text_states_alone(cache
     torch.manual_seed(0)
     unet = build_unet(tiny_config(cache_dir, "unet.text_place_layers=1"), context_dim=8)
     context = torch.randn(1, 5, 8, requires_grad=True)
-    loss, layout, _ = place_loss(unet, context, torch.ones(1, 5, dtype=torch.bool), Grounding(torch.tensor([[0, 1, 1, 2, 0]]), two_object_masks(16)))
+    loss, layout, _ = place_loss(unet, context, torch.ones(1, 5, dtype=torch.bool), Grounding(torch.tensor([[0, 1, 1, 2, 0]]), two_object_masks(16), 3))
     loss.backward()
     assert loss > 0 and context.grad is None
     assert unet.placer.to_centre.weight.grad.abs().sum() > 0

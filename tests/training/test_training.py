@@ -43,7 +43,7 @@ def test_run_folder_holds_everything(finished_run):
 
 def test_same_seed_same_training(cache_dir, finished_run, tmp_path):
     again = tmp_path / "again"
-    train(tiny_config(cache_dir), output_dir=str(again), progress=False)
+    train(tiny_config(cache_dir), output_dir=str(again), progress=False, device="cpu")
     first, second = exported_weights(finished_run), exported_weights(again)
     assert all(torch.equal(first[k], second[k]) for k in first)
 
@@ -55,7 +55,7 @@ def test_resume_continues_exactly(finished_run, tmp_path):
     shutil.rmtree(killed / "checkpoints" / "checkpoint-000040")
     shutil.rmtree(killed / "model")
     cfg = load_config(killed / "config.yaml")
-    train(cfg, output_dir=str(killed), resume="latest", progress=False)
+    train(cfg, output_dir=str(killed), resume="latest", progress=False, device="cpu")
     uninterrupted, resumed = exported_weights(finished_run), exported_weights(killed)
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
     # The tuned text tower (and its EMA) continues exactly too.
@@ -85,26 +85,27 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(cache_dir):
 
 
 def test_auto_precision_takes_bf16_only_where_the_hardware_computes_it():
-    assert resolve_precision("no", on_gpu=False) == ("no", "as configured")
-    assert resolve_precision("bf16", on_gpu=False) == ("bf16", "as configured")  # a forced choice is kept
-    chosen, reason = resolve_precision("auto", on_gpu=False)
+    cpu = torch.device("cpu")
+    assert resolve_precision("no", cpu) == ("no", "as configured")
+    assert resolve_precision("bf16", cpu) == ("bf16", "as configured")  # a forced choice is kept
+    chosen, reason = resolve_precision("auto", cpu)
     assert chosen in ("bf16", "no") and torch.backends.cpu.get_cpu_capability() in reason
     assert chosen == "no" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def test_taken_run_folder_and_missing_checkpoint(cache_dir, finished_run, tmp_path):
     with pytest.raises(TrainingError, match="already holds a run.*--resume latest"):
-        train(tiny_config(cache_dir), output_dir=str(finished_run), progress=False)
+        train(tiny_config(cache_dir), output_dir=str(finished_run), progress=False, device="cpu")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
-        train(tiny_config(cache_dir), output_dir=str(empty), resume="latest", progress=False)
+        train(tiny_config(cache_dir), output_dir=str(empty), resume="latest", progress=False, device="cpu")
 
 
 def test_bad_attention_resolution_is_a_config_error_before_any_preparation(tmp_path):
     cfg = tiny_config(tmp_path / "cache", "unet.cross_attention_resolutions=[4]")
     with pytest.raises(ConfigError, match=r"asks for \[4\].*choose from \[16, 8\]"):
-        train(cfg, output_dir=str(tmp_path / "run"), progress=False)
+        train(cfg, output_dir=str(tmp_path / "run"), progress=False, device="cpu")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 
@@ -112,10 +113,17 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(cache_dir, tmp_path
     cfg = tiny_config(cache_dir, "train.learning_rate=1e30", "train.warmup_steps=0", "train.grad_clip=0.0",
                       "train.checkpoint_every=1", "train.validate_every=0")
     run = tmp_path / "diverged"
-    with pytest.raises(TrainingError, match="the loss became .* the last good checkpoint is"):
-        train(cfg, output_dir=str(run), progress=False)
+    with pytest.raises(TrainingError, match=r"the loss became non-finite \(loss (nan|inf).*\) between steps \d+ and \d+; .* "
+                                            r"the last good checkpoint is .*To start again, use another --output-dir"):
+        train(cfg, output_dir=str(run), progress=False, device="cpu")
     assert list_checkpoints(run / "checkpoints")
     assert not (run / "model").exists()
+    # Diverged before its first checkpoint: the message says how to start again in the same place.
+    early = tmp_path / "diverged-early"
+    cfg = tiny_config(cache_dir, "train.learning_rate=1e30", "train.warmup_steps=0", "train.grad_clip=0.0",
+                      "train.checkpoint_every=100", "train.log_every=2", "train.validate_every=0")
+    with pytest.raises(TrainingError, match=f"no checkpoint was written.*To start again, remove {early} or use another --output-dir"):
+        train(cfg, output_dir=str(early), progress=False, device="cpu")
 
 
 def test_cli_reports_user_errors_without_traceback(tmp_path):
@@ -145,7 +153,7 @@ def test_a_folder_without_masks_trains_without_the_grounding_loss_and_validates_
     cfg = load_config(TINY.parent / "cpu.yaml", overrides)  # the default's validation prompts: shapes prompts
     cfg = load_config(TINY, [*overrides, f"train.validation_prompts={cfg.train.validation_prompts}"])
     assert cfg.train.grounding_weight > 0  # the default asks for grounding
-    train(cfg, output_dir=str(run), progress=False)
+    train(cfg, output_dir=str(run), progress=False, device="cpu")
     log = (run / "train.log").read_text()
     assert log.count("training without the grounding loss") == 1 and " grounding " not in log.split("step 2 loss")[1]
     assert (run / "model" / "model_index.json").is_file()
@@ -159,7 +167,7 @@ def test_a_folder_that_grounds_only_some_rows_is_a_clear_error(tmp_path):
     grounded = {"text": "a red thing", "mask_file": "mask.png", "word_objects": [0, 1, 1]}
     folder = user_folder(tmp_path / "user", [grounded, grounded, {"text": "a red thing"}, grounded])
     result = subprocess.run(
-        [sys.executable, "train.py", "--config", str(TINY), "--output-dir", str(tmp_path / "run"),
+        [sys.executable, "train.py", "--device", "cpu", "--config", str(TINY), "--output-dir", str(tmp_path / "run"),
          f"data.dataset={folder}", f"cache_dir={tmp_path / 'cache'}"],
         cwd=ROOT, capture_output=True, text=True,
     )
@@ -190,7 +198,7 @@ def test_two_processes_keep_identical_replicas_of_unet_and_tuned_text_tower(cach
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
-         "--dynamo_backend", "no", "train.py",
+         "--dynamo_backend", "no", "train.py", "--device", "cpu",
          "--config", str(TINY), "--output-dir", str(run), "--no-progress", f"cache_dir={cache_dir}",
          "train.max_steps=10", "train.batch_size=8", "train.validate_every=0", "train.text_encoder_lr=1e-3"],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=120,
@@ -206,17 +214,17 @@ def test_resume_with_a_different_text_encoder_or_model_is_a_clear_error(cache_di
     shutil.copytree(finished_run, copy)
     wider = tiny_config(cache_dir, "text_encoder.tiny_clip.text_width=64", "text_encoder.tiny_clip.steps=2")  # states: last | input embedding
     with pytest.raises(CheckpointError, match="trained with text states of width 64.*gives width 128.*checkpoint's own config"):
-        train(wider, output_dir=str(copy), resume="latest", progress=False)
+        train(wider, output_dir=str(copy), resume="latest", progress=False, device="cpu")
     deeper = tiny_config(cache_dir, "unet.num_res_blocks=2")
     with pytest.raises(CheckpointError, match="does not fit the model this config builds"):
-        train(deeper, output_dir=str(copy), resume="latest", progress=False)
+        train(deeper, output_dir=str(copy), resume="latest", progress=False, device="cpu")
 
 
 def test_gradient_accumulation_updates_once_per_window(cache_dir, tmp_path):
     cfg = tiny_config(cache_dir, "train.gradient_accumulation_steps=2", "train.max_steps=4",
                       "train.checkpoint_every=4", "train.validate_every=0")
     run = tmp_path / "accumulated"
-    train(cfg, output_dir=str(run), progress=False)
+    train(cfg, output_dir=str(run), progress=False, device="cpu")
     checkpoint = run / "checkpoints" / "checkpoint-000004"
     assert [step for step, _ in list_checkpoints(run / "checkpoints")] == [4]
     optimizer_state = torch.load(checkpoint / "optimizer.bin", weights_only=False)["state"]
@@ -239,7 +247,7 @@ def test_text_encoder_is_tuned_by_default_and_frozen_on_request(cache_dir, finis
     cfg = tiny_config(cache_dir, "train.text_encoder_lr=0", "train.max_steps=10", "train.checkpoint_every=10",
                       "train.validate_every=0")
     run = tmp_path / "frozen"
-    train(cfg, output_dir=str(run), progress=False)
+    train(cfg, output_dir=str(run), progress=False, device="cpu")
     info = json.loads((run / "model" / "training_info.json").read_text())
     frozen = text_tower_weights(run / "model" / "text_encoder")
     assert info["text_encoder_tuned"] is False and all(torch.equal(source[k], frozen[k]) for k in source)
@@ -252,7 +260,7 @@ def test_tuned_text_tower_keeps_learning_after_a_validation(cache_dir, tmp_path)
     cfg = tiny_config(cache_dir, "train.max_steps=10", "train.checkpoint_every=5", "train.validate_every=5",
                       "train.keep_checkpoints=0")
     run = tmp_path / "tuned-validated"
-    train(cfg, output_dir=str(run), progress=False)
+    train(cfg, output_dir=str(run), progress=False, device="cpu")
     assert (run / "validation" / "step_000005.png").is_file()
     # Checkpoints hold the raw (not EMA) weights; model_1 is the text tower, prepared after the UNet.
     at_5, at_10 = (load_file(run / "checkpoints" / f"checkpoint-{s:06d}" / "model_1.safetensors") for s in (5, 10))
@@ -266,7 +274,7 @@ def test_the_default_text_placer_trains_on_the_masks_exports_and_samples(cache_d
     cfg = tiny_config(cache_dir, "train.max_steps=10", "train.checkpoint_every=10", "train.validate_every=0", "train.log_every=5")
     assert cfg.unet.text_place_layers > 0  # the default
     run = tmp_path / "placer"
-    train(cfg, output_dir=str(run), progress=False)
+    train(cfg, output_dir=str(run), progress=False, device="cpu")
     places = [float(m) for m in re.findall(r" place ([0-9.]+)", (run / "train.log").read_text())]
     assert len(places) == 2 and all(p > 0 for p in places)
     pipe = TextToImagePipeline.from_run(run)
@@ -283,9 +291,50 @@ def test_without_masks_to_learn_from_the_run_has_no_placer_and_says_so(cache_dir
 
     cfg = tiny_config(cache_dir, "train.grounding_weight=0", "train.max_steps=2", "train.checkpoint_every=2", "train.validate_every=0")
     run = tmp_path / "no-placer"
-    train(cfg, output_dir=str(run), progress=False)
+    train(cfg, output_dir=str(run), progress=False, device="cpu")
     log = (run / "train.log").read_text()
     assert log.count("training without the text placer") == 1 and " place " not in log
     assert load_config(run / "config.yaml").unet.text_place_layers == 0  # the saved config rebuilds this model
     pipe = TextToImagePipeline.from_run(run)
     assert pipe.unet.placer is None and pipe.unet.config.context_dim == pipe.text_encoder.config.hidden_size
+
+
+def truncate(path: Path) -> None:
+    """Cut a file short, as a full disk or a crash would leave it."""
+    with open(path, "r+b") as file:
+        file.truncate(path.stat().st_size // 2)
+
+
+def test_resume_latest_skips_a_damaged_checkpoint_and_says_so(finished_run, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(finished_run, damaged)
+    shutil.rmtree(damaged / "model")
+    truncate(damaged / "checkpoints" / "checkpoint-000040" / "model.safetensors")
+    cfg = load_config(damaged / "config.yaml")
+    train(cfg, output_dir=str(damaged), resume="latest", progress=False, device="cpu")
+    log = (damaged / "train.log").read_text()
+    assert re.search(r"checkpoint-000040 is damaged \(model.safetensors cannot be read .*\): resuming from checkpoint-000020", log)
+    assert "resumed from" in log and "checkpoint-000020 at step 20" in log
+    uninterrupted, resumed = exported_weights(finished_run), exported_weights(damaged)
+    assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)  # the 20 steps were trained again, exactly
+
+
+def test_a_damaged_checkpoint_named_or_left_alone_is_a_clear_error(finished_run, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(finished_run, damaged)
+    newest = damaged / "checkpoints" / "checkpoint-000040"
+    truncate(newest / "optimizer.bin")
+    cfg = load_config(damaged / "config.yaml")
+    with pytest.raises(CheckpointError, match=r"checkpoint-000040: the checkpoint is damaged: optimizer.bin .* Resume from .*checkpoint-000020"):
+        train(cfg, output_dir=str(damaged), resume=str(newest), progress=False, device="cpu")
+    truncate(damaged / "checkpoints" / "checkpoint-000020" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="every checkpoint in .* is damaged .*start the run again with another --output-dir"):
+        train(cfg, output_dir=str(damaged), resume="latest", progress=False, device="cpu")
+    assert newest.is_dir() and (damaged / "model").is_dir()  # nothing of the user's is removed
+
+
+def test_fp16_on_the_cpu_is_refused_before_any_preparation(tmp_path):
+    cfg = tiny_config(tmp_path / "cache", "train.mixed_precision=fp16")
+    with pytest.raises(TrainingError, match="fp16 is for a GPU.*Use auto"):
+        train(cfg, output_dir=str(tmp_path / "run"), progress=False, device="cpu")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
