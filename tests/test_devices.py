@@ -10,7 +10,7 @@ import torch
 from diffusion.devices import DeviceError, resolve_device, to_host
 from diffusion.errors import UserError
 
-from conftest import ROOT
+from conftest import ROOT, tiny_config
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the no-GPU message cannot be shown here")
 
@@ -55,3 +55,8 @@ def test_a_missing_gpu_is_said_with_the_fix_by_every_command(finished_run, tmp_p
     assert "no GPU is available here" in capsys.readouterr().err and not (tmp_path / "eval").exists()
     with pytest.raises(DeviceError, match="use --device cpu"):
         Demo(finished_run, device="cuda")
+    from diffusion.training.loop import train
+
+    with pytest.raises(DeviceError, match="no GPU is available here"):
+        train(tiny_config(tmp_path / "cache"), output_dir=str(tmp_path / "run"), progress=False, device="cuda")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # said before any preparation

@@ -258,3 +258,20 @@ def test_a_model_trained_with_a_removed_option_is_refused_by_name(finished_run, 
         TextToImagePipeline.from_run(old_export(finished_run, tmp_path, position_embedding=True))
     with pytest.raises(ConfigError, match="unet.text_refiner_layers was removed"):
         load_config(None, ["unet.text_refiner_layers=2"])
+
+
+def test_the_sampling_loop_reads_only_its_timesteps_and_results_cross_to_the_host_once(pipe):
+    """On a GPU each read of a tensor into Python waits for the device (tests/host_reads.py). The loop (the UNet,
+    guidance, layout guidance's gradient steps, map recording, snapshots) reads its timesteps once; what the caller
+    gets (images, maps, snapshots) crosses to the host in devices.to_host and nowhere else."""
+    from host_reads import HostReads
+
+    settings = SamplerSettings(steps=6, layout_guidance=0.05)
+    with HostReads() as seen:
+        out = pipe(["a red circle left of a blue square", "a green star"], [0, 1], settings, return_attention=True,
+                   map_settings=MapSettings(snapshot_every=2))
+    in_loop = [(what, where) for what, _, where, within in seen.reads if "loop.py:sample" in within]
+    assert len(in_loop) == 1 and in_loop[0][0] == "tolist" and in_loop[0][1].startswith("diffusion/sampling/loop.py")
+    copies = {function for what, function, _, _ in seen.reads if what == "cpu"}
+    assert copies == {"to_host"}
+    assert len(out.attention[1].snapshots) == 3 and out.images[1].size == (16, 16)

@@ -338,3 +338,20 @@ def test_fp16_on_the_cpu_is_refused_before_any_preparation(tmp_path):
     with pytest.raises(TrainingError, match="fp16 is for a GPU.*Use auto"):
         train(cfg, output_dir=str(tmp_path / "run"), progress=False, device="cpu")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_training_reads_nothing_back_to_the_host_per_step(cache_dir, tmp_path):
+    """On a GPU each read of a tensor into Python waits for the device (tests/host_reads.py): the loop reads only at
+    log lines, checkpoints and validations, so runs of 2 and 6 steps with one of each read the same things."""
+    from collections import Counter
+
+    from host_reads import HostReads
+
+    counts = {}
+    for steps in (2, 6):
+        cfg = tiny_config(cache_dir, f"train.max_steps={steps}", f"train.log_every={steps}", f"train.checkpoint_every={steps}",
+                          "train.validate_every=0")
+        with HostReads() as seen:
+            train(cfg, output_dir=str(tmp_path / f"steps-{steps}"), progress=False, device="cpu")
+        counts[steps] = Counter((what, where) for what, _, where, _ in seen.reads)
+    assert counts[6] == counts[2]
