@@ -18,6 +18,7 @@ from pathlib import Path
 
 from diffusion.devices import add_device_argument
 from diffusion.errors import UserError, exit_on_user_error
+from diffusion.files import check_folder_path
 from diffusion.sampling.settings import SamplerSettings
 
 
@@ -53,8 +54,8 @@ def check_args(args: argparse.Namespace) -> SamplerSettings:
         raise UserError('give at least one --prompt "..." or a --prompts-file')
     if args.html and args.no_maps:
         raise UserError("--html makes a page of the attention maps, which --no-maps turns off; drop one of the two")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a file; --out names the folder the images go into: choose a folder")
+    if args.out:
+        check_folder_path(args.out, "--out")
     return settings
 
 

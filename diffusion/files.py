@@ -13,6 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def check_folder_path(path: str | Path, flag: str) -> None:
+    """A command's output folder may be new or a folder, never an existing file (UserError naming `flag`)."""
+    from diffusion.errors import UserError
+
+    if Path(path).exists() and not Path(path).is_dir():
+        raise UserError(f"{flag} {path} is a file; {flag} names the folder the output goes into: choose a folder")
+
+
 def staging_dir(final: Path, tag: str = "partial") -> Path:
     """A fresh, empty hidden sibling of `final` (.<name>.<tag>) to write into before `commit_dir`."""
     tmp = final.parent / f".{final.name}.{tag}"

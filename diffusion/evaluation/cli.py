@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING
 
 from diffusion.devices import add_device_argument, use_device
 from diffusion.errors import UserError, exit_on_user_error
+from diffusion.files import check_folder_path
 from diffusion.evaluation.detector import DetectorSettings
 from diffusion.evaluation.fidelity import ImageRecord, evaluate_fidelity
 from diffusion.evaluation.localisation import (
@@ -221,8 +222,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.captions < 2:
         raise UserError("--captions must be at least 2 (KID compares sets of images)")
     args.sampler = SamplerSettings.from_args(args)
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UserError(f"--out {args.out} is a file; --out names the folder the evaluation writes into: choose a folder")
+    if args.out:
+        check_folder_path(args.out, "--out")
     args.device = use_device(args.device)  # a missing GPU is said before anything is sampled
     return args
 
