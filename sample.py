@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from diffusion.sampling.generate import (
         check_outputs_free, generate, parse_seeds, plan_jobs, read_prompts_file, warn_about_split_words,
     )
-    from diffusion.sampling.pipeline import TextToImagePipeline, find_model_dir
+    from diffusion.runs import find_model_dir, run_name
+    from diffusion.sampling.pipeline import TextToImagePipeline
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     seeds = parse_seeds(args.seeds) if args.seeds else list(range(args.seed, args.seed + args.num_images))
     window = None
@@ -84,8 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = use_device(args.device)  # before anything is loaded: a missing GPU is said at once
     model_dir = find_model_dir(args.model)
-    run_name = model_dir.parent.name if model_dir.name == "model" else model_dir.name
-    out_dir = Path(args.out) if args.out else Path("outputs/samples") / run_name
+    out_dir = Path(args.out) if args.out else Path("outputs/samples") / run_name(model_dir)
     jobs = plan_jobs(prompts, seeds)
     check_outputs_free(jobs, out_dir, args.overwrite)
     pipe = TextToImagePipeline.from_run(model_dir, device=device)

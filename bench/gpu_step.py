@@ -35,7 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffusion.config import Config, load_config
 from diffusion.devices import DEVICE_HELP, use_device
 from diffusion.model.unet import UNetBlock
-from diffusion.training.objective import Grounding, diffusion_loss, make_noise_scheduler
+from diffusion.training.loop import ADAM_BETAS, WEIGHT_DECAY
+from diffusion.training.objective import Grounding, Objective
 from diffusion.training.prepare import TINY_CLIP
 from diffusion.training.setup import build_unet, resolve_precision, text_width
 
@@ -98,29 +99,21 @@ def synthetic_batch(cfg: Config, device: torch.device) -> Batch:
                 x, y = torch.randint(0, size - side + 1, (2,), generator=g).tolist()
                 masks[i, y : y + side, x : x + side] = k  # a square object; later ones may cover earlier ones
                 token_objects[i, 3 * k - 2 : 3 * k] = k  # "a <colour> <shape>": two words per object
-        grounding = Grounding(token_objects=token_objects.to(device), masks=masks.to(device),
-                              num_objects=objects + 1, coverage=cfg.train.grounding_coverage)
+        grounding = Grounding(token_objects=token_objects.to(device), masks=masks.to(device), num_objects=objects + 1)
     return Batch(images.to(device), context.to(device), context_mask.to(device), grounding)
 
 
-def training_loss(model: torch.nn.Module, cfg: Config, scheduler, batch: Batch, autocast) -> torch.Tensor:
-    """The loss the training loop sums: diffusion + grounding_weight * grounding + place_weight * place."""
+def training_loss(objective: Objective, model: torch.nn.Module, batch: Batch, autocast) -> torch.Tensor:
+    """The loss the training loop minimises: diffusion + grounding_weight * grounding + place_weight * place."""
     with autocast():
-        terms = diffusion_loss(model, scheduler, batch.images, batch.context, batch.context_mask,
-                               cfg.train.min_snr_gamma, batch.grounding)
-        loss = terms.diffusion
-        if terms.grounding is not None:
-            loss = loss + cfg.train.grounding_weight * terms.grounding
-        if terms.place is not None:
-            loss = loss + cfg.train.place_weight * terms.place
-    return loss
+        return objective(model, batch.images, batch.context, batch.context_mask, batch.grounding).total
 
 
 def make_step(model: torch.nn.Module, cfg: Config, device: torch.device, loss_fn: Callable, fp16: bool) -> Callable[[], None]:
     """One optimizer update, as the loop does it; nothing in it waits for the device."""
     t = cfg.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=(0.9, t.adam_beta2),
-                                  weight_decay=t.weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=ADAM_BETAS,
+                                  weight_decay=WEIGHT_DECAY, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)  # what accelerate adds under fp16; a no-op otherwise
 
     def step() -> None:
@@ -278,9 +271,13 @@ def main() -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     batch = synthetic_batch(cfg, device)
-    scheduler = make_noise_scheduler(cfg.noise)
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
-    loss_fn = lambda model: training_loss(model, cfg, scheduler, batch, autocast)  # noqa: E731
+    objectives: dict[int, Objective] = {}  # one per model trained: its placer and pooled text condition the text
+
+    def loss_fn(model: torch.nn.Module) -> torch.Tensor:
+        objective = objectives.get(id(model)) or objectives.setdefault(id(model), Objective(cfg.train, model))
+        return training_loss(objective, model, batch, autocast)
+
     base = build_unet(cfg, text_width(cfg))  # on the CPU; each variant trains its own copy on the device
     flops = count_flops(base.to(device), loss_fn)
     base.to("cpu")

@@ -12,17 +12,16 @@ right, how many images hold another number of objects, and the median seconds pe
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import time
 
 import numpy as np
 
-from diffusion.evaluation.cli import read_run_config, shapes_info
 from diffusion.evaluation.detector import DetectorSettings, detect
 from diffusion.evaluation.prompts import build_tasks, check
-from diffusion.sampling import layout_guidance, pipeline
-from diffusion.sampling.pipeline import TextToImagePipeline, find_model_dir
+from diffusion.runs import find_model_dir, read_run_config, shapes_info
+from diffusion.sampling.layout_guidance import UNTIL
+from diffusion.sampling.pipeline import TextToImagePipeline
 from diffusion.sampling.settings import SamplerSettings
 
 
@@ -31,23 +30,24 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--strengths", default="0,0.05", help="comma-separated layout guidance strengths")
     parser.add_argument("--seeds", type=int, default=4)
-    parser.add_argument("--until", type=float, help=f"fraction of the steps guided (default {layout_guidance.UNTIL})")
+    parser.add_argument("--until", type=float, default=UNTIL, help=f"fraction of the steps guided (default {UNTIL})")
     args = parser.parse_args()
-    if args.until is not None:  # the pipeline builds its LayoutGuidance itself; give it this fraction
-        pipeline.LayoutGuidance = functools.partial(layout_guidance.LayoutGuidance, until=args.until)
     strengths = [float(s) for s in args.strengths.split(",")]
 
     pipe = TextToImagePipeline.from_run(args.model)
     info, _ = shapes_info(read_run_config(find_model_dir(args.model)), find_model_dir(args.model))
     palette = {c: tuple(v) for c, v in info["palette"].items()}
     prompts = next(task.prompts for task in build_tasks(info) if task.name == "spatial")
+    texts = [p.text for p in prompts]
+    # The default sampler, without its layout guidance: the sweep adds its own, guiding --until of the steps.
+    settings = SamplerSettings(layout_guidance=0.0)
     verdicts = {s: [] for s in strengths}
     seconds = {s: [] for s in strengths}
     for seed in range(args.seeds):
         for strength in strengths:
             start = time.perf_counter()
-            settings = SamplerSettings(layout_guidance=strength)  # the default sampler otherwise
-            images = pipe([p.text for p in prompts], [seed] * len(prompts), settings).images
+            guidance = pipe.layout_guidance(texts, strength, settings.steps, until=args.until)
+            images = pipe(texts, [seed] * len(prompts), settings, hooks=[guidance]).images
             seconds[strength].append(time.perf_counter() - start)
             for prompt, image in zip(prompts, images):
                 verdicts[strength].append(check(prompt, detect(np.asarray(image), palette, DetectorSettings()), "all"))

@@ -24,12 +24,12 @@ import statistics
 import torch
 
 from diffusion.data.vocabulary import BACKGROUND, PALETTE
-from diffusion.evaluation.cli import read_run_config, shapes_info
 from diffusion.evaluation.prompts import build_tasks
+from diffusion.runs import find_model_dir, read_run_config, shapes_info
 from diffusion.sampling.loop import guide, initial_noise, seed_layouts
-from diffusion.sampling.pipeline import TextToImagePipeline, find_model_dir
+from diffusion.sampling.pipeline import TextToImagePipeline
 from diffusion.sampling.settings import SamplerSettings
-from diffusion.text.relations import RELATION_AXES
+from diffusion.data.relations import RELATION_AXES
 
 
 def colour_amounts(x0: torch.Tensor, colour_a: str, colour_b: str) -> torch.Tensor:
@@ -63,8 +63,8 @@ def first_step_x0(pipe: TextToImagePipeline, prompts: list[str], seeds: list[int
     context, mask = pipe.encode(prompts)
     null, null_mask = pipe.encode([""] * len(prompts))
     layouts = seed_layouts(seeds, unet.config.text_place_layouts)  # (B,) the placer's layout of each seed, as the sampler draws it
-    out = unet(torch.cat([x, x]), t.expand(2 * len(prompts)), torch.cat([context, null]), torch.cat([mask, null_mask]),
-               layout=torch.cat([layouts, layouts]))
+    text = unet.condition(torch.cat([context, null]), torch.cat([mask, null_mask]), torch.cat([layouts, layouts]))
+    out = unet(torch.cat([x, x]), t.expand(2 * len(prompts)), text)
     cond, uncond = out.chunk(2)
     guided = guide(cond, uncond, guidance)
     return scheduler.step(guided, t, x).pred_original_sample

@@ -25,10 +25,10 @@ from layout_probe import first_step_x0
 from relation_curve import data_dirs, relation_groups
 
 from diffusion.data.folder import CaptionedImageFolder
-from diffusion.evaluation.cli import read_run_config
 from diffusion.images import tile
-from diffusion.sampling.pipeline import TextToImagePipeline, find_model_dir, to_pil
-from diffusion.text.relations import RELATIONS
+from diffusion.runs import find_model_dir, read_run_config
+from diffusion.sampling.pipeline import TextToImagePipeline, to_pil
+from diffusion.data.relations import RELATIONS
 
 SCALE = 4  # pixels per image pixel in the sheet
 

@@ -16,7 +16,7 @@ import time
 import torch
 
 from diffusion.config import load_config
-from diffusion.training.objective import diffusion_loss, make_noise_scheduler
+from diffusion.training.objective import Objective
 from diffusion.training.setup import build_unet, resolve_precision
 
 
@@ -28,7 +28,8 @@ def main() -> None:
     cfg = load_config(args.config)
     width = cfg.text_encoder.tiny_clip.text_width
     torch.manual_seed(0)
-    unet, scheduler = build_unet(cfg, width), make_noise_scheduler(cfg.noise)
+    unet = build_unet(cfg, width)
+    objective = Objective(cfg.train, unet)
     optimizer = torch.optim.AdamW(unet.parameters(), cfg.train.learning_rate)
     b, s, tokens = cfg.train.batch_size, cfg.data.image_size, cfg.text_encoder.tiny_clip.max_length
     images, context = torch.randn(b, 3, s, s).clamp(-1, 1), torch.randn(b, tokens, width)
@@ -37,7 +38,7 @@ def main() -> None:
     def step(bf16: bool) -> float:
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = diffusion_loss(unet, scheduler, images, context, mask).diffusion
+            loss = objective(unet, images, context, mask, grounding=None).diffusion
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

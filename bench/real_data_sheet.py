@@ -13,13 +13,12 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from diffusion.evaluation.cli import read_run_config
 from diffusion.evaluation.realdata import read_splits
 from diffusion.images import tile
 from diffusion.maps.export import overlay
 from diffusion.maps.format import read_word_maps
+from diffusion.runs import find_model_dir, read_run_config
 from diffusion.sampling.generate import Job
-from diffusion.sampling.pipeline import find_model_dir
 
 TILE, LABEL = 96, 260
 

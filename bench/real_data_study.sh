@@ -24,7 +24,6 @@ overrides() {  # a variant's config overrides
     wide) echo "unet.base_channels=64" ;;  # four times the default's width (twice the 4M UNet's of the 2026-12-02 study)
     narrow) echo "unet.base_channels=16 unet.head_dim=16" ;;  # the default since c5b9774 (half the 4M UNet's width): no change now
     64px) echo "data.image_size=64 unet.channel_mults=[1,1,2,4]" ;;  # the default's levels and one more above them
-    min-snr) echo "train.min_snr_gamma=5" ;;  # Min-SNR loss weighting (Hang et al. 2023)
     caption-dropout) echo "train.caption_dropout=0.2" ;;  # twice the default's empty captions, for guidance
     small-batch) echo "train.batch_size=32" ;;  # a quarter of the default's batch: more steps for the same images
     high-lr) echo "train.learning_rate=2e-3" ;;  # twice the default's learning rate: more from each image seen
@@ -33,7 +32,7 @@ overrides() {  # a variant's config overrides
 }
 
 runs=()
-for variant in ${VARIANTS:-default tuned-text min-snr wide 64px}; do
+for variant in ${VARIANTS:-default tuned-text wide 64px}; do
   run=outputs/runs/study-${MINUTES}min-$variant
   extra=$(overrides "$variant")
   if [ ! -d "$run" ]; then

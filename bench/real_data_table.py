@@ -11,9 +11,11 @@ import argparse
 import json
 from pathlib import Path
 
+from diffusion.runs import find_model_dir, read_training_info
+
 
 def row(run: Path, eval_root: Path) -> str:
-    info = json.loads((run / "model" / "training_info.json").read_text())
+    info = read_training_info(find_model_dir(run))
     results = json.loads((eval_root / run.name / "results.json").read_text())
     cells = [run.name, f"{info['step']:,}"]
     for split in results["real_data"]["splits"]:

@@ -36,12 +36,12 @@ from PIL import Image, ImageDraw
 from layout_probe import probe, spatial_prompts
 
 from diffusion.data.folder import CaptionedImageFolder
-from diffusion.evaluation.cli import read_run_config
-from diffusion.sampling.pipeline import TextToImagePipeline, find_model_dir
+from diffusion.runs import find_model_dir, read_run_config, read_training_info
+from diffusion.sampling.pipeline import TextToImagePipeline
 from diffusion.sampling.settings import SamplerSettings
-from diffusion.text.relations import CONVERSE
+from diffusion.data.relations import CONVERSE
 from diffusion.training.grounding import TokenObjectTable
-from diffusion.training.objective import Grounding, make_noise_scheduler, noised, place_loss
+from diffusion.training.objective import Grounding, Objective
 from diffusion.training.prepare import prepare_dataset
 
 RELATION_PATTERN = re.compile(r"\b(" + "|".join(CONVERSE) + r")\b")
@@ -80,17 +80,10 @@ def two_object_rows(data: CaptionedImageFolder) -> list[int]:
 def data_dirs(model: str) -> tuple[Path, Path]:
     """The (train, test) folders the model learned from (training_info.json's train_dir), else its config's."""
     cfg = read_run_config(find_model_dir(model))
-    recorded = json.loads((find_model_dir(model) / "training_info.json").read_text()).get("train_dir")
+    recorded = read_training_info(find_model_dir(model)).get("train_dir")
     if recorded and Path(recorded).is_dir():
         return Path(recorded), Path(recorded).parent / "test"
     return prepare_dataset(cfg.data, Path(cfg.cache_dir), progress=False)
-
-
-def check_pure_noise_target(cfg) -> None:
-    """bayes_gap and the t = T - 1 row read the target there as -x0: v-prediction with zero terminal SNR."""
-    if cfg.noise.prediction_type != "v_prediction" or not cfg.noise.rescale_betas_zero_snr:
-        raise SystemExit("relation_curve needs noise.prediction_type v_prediction and noise.rescale_betas_zero_snr: "
-                         "only there is the target at t = T - 1 the clean image (-x0), which the model must guess from the text")
 
 
 @torch.no_grad()
@@ -98,7 +91,6 @@ def loss_by_noise_level(pipe: TextToImagePipeline, model: str, buckets: int) -> 
     """Per timestep bucket, and at pure noise (t = T - 1): the loss on the two-object test rows with their
     true captions, and the mean gap when the relation is swapped for its converse."""
     cfg = read_run_config(find_model_dir(model))
-    check_pure_noise_target(cfg)
     data = CaptionedImageFolder(data_dirs(model)[1], cfg.data.image_size, masks=True, progress=False)
     picked = two_object_rows(data)
     images = data.images[picked].float() / 127.5 - 1  # (N, 3, S, S)
@@ -107,8 +99,9 @@ def loss_by_noise_level(pipe: TextToImagePipeline, model: str, buckets: int) -> 
     # A text placer's layout for each row: the one nearest the image's masks, as training picks it.
     objects = TokenObjectTable(pipe.tokenizer, pipe.encoder.max_length)(captions, [data.word_objects[i] for i in picked])
     grounding = Grounding(objects, data.masks[picked], data.num_objects)
-    layouts = [place_loss(pipe.unet, *text, grounding).layout for text in texts]  # 2 x (N,), or None without a placer
-    scheduler = make_noise_scheduler(cfg.noise)
+    objective = Objective(cfg.train, pipe.unet)
+    layouts = [objective.place_loss(*text, grounding).layout for text in texts]  # 2 x (N,), or None without a placer
+    scheduler = objective.scheduler  # v-prediction with zero terminal SNR: at t = T - 1 the target is -x0
     steps = scheduler.config.num_train_timesteps
     generator = torch.Generator().manual_seed(0)
     ranges = [(k * steps // buckets, (k + 1) * steps // buckets) for k in range(buckets)] + [(steps - 1, steps)]
@@ -116,9 +109,10 @@ def loss_by_noise_level(pipe: TextToImagePipeline, model: str, buckets: int) -> 
     for low, high in ranges:
         # The same timesteps and noise for both captions, so the gap is the caption's alone.
         timesteps = torch.randint(low, high, (len(picked),), generator=generator)
-        noisy, target = noised(scheduler, images, torch.randn(images.shape, generator=generator), timesteps)
+        noise = torch.randn(images.shape, generator=generator)
+        noisy, target = scheduler.add_noise(images, noise, timesteps), scheduler.get_velocity(images, noise, timesteps)
         losses = [
-            F.mse_loss(pipe.unet(noisy, timesteps, *text, layout=layout).float(), target, reduction="none").mean(dim=(1, 2, 3))
+            F.mse_loss(pipe.unet(noisy, timesteps, pipe.unet.condition(*text, layout)).float(), target, reduction="none").mean(dim=(1, 2, 3))
             for text, layout in zip(texts, layouts)
         ]  # 2 x (N,)
         gap = losses[1] - losses[0]
@@ -148,7 +142,6 @@ def bayes_gap(model: str) -> dict:
     group means' sampling noise (variance / ~50) inflates the loss and lowers the gain a little; it cancels
     in the swap gap, whose two means are estimated alike."""
     cfg = read_run_config(find_model_dir(model))
-    check_pure_noise_target(cfg)
     train_dir, test_dir = data_dirs(model)
 
     sums: dict = {}
@@ -239,7 +232,7 @@ def main() -> None:
     print("pure noise, from the data alone:", json.dumps(bayes), flush=True)
     rows, loss_rows = [], []
     for model in args.models:
-        step = json.loads((find_model_dir(model) / "training_info.json").read_text())["step"]
+        step = read_training_info(find_model_dir(model))["step"]
         figures = {} if args.seeds == 0 else evaluate(model, Path("outputs/eval") / f"curve-{Path(model).parent.name}-{Path(model).name}", args.seeds)
         pipe, prompts = TextToImagePipeline.from_run(model), spatial_prompts(model)
         figures["probe_unguided"] = probe(pipe, prompts, args.probe_seeds, 1.0)[0]

@@ -23,7 +23,7 @@ import torch
 from diffusion.config import load_config
 from diffusion.data.folder import CaptionedImageFolder
 from diffusion.training.grounding import TokenObjectTable
-from diffusion.training.objective import Grounding, diffusion_loss, make_noise_scheduler
+from diffusion.training.objective import Grounding, Objective
 from diffusion.training.prepare import prepare_dataset, prepare_text_encoder
 from diffusion.training.text_states import TextStateCache, TunedTextStates
 from diffusion.text.encoder import TextEncoder
@@ -52,8 +52,7 @@ def main() -> None:
     with_embeddings = TextEncoder(encoder.tokenizer, placed_tower, input_embeddings=True)
     placed_states = TunedTextStates(with_embeddings, batch.captions, placed_tower)  # (B, T, 2D)
     rows = frozen_states.rows(batch.captions)
-    grounding = Grounding(table(batch.captions, batch.word_objects), batch.masks, dataset.num_objects, cfg.train.grounding_coverage)
-    scheduler = make_noise_scheduler(cfg.noise)
+    grounding = Grounding(table(batch.captions, batch.word_objects), batch.masks, dataset.num_objects)
     precision, _ = resolve_precision(cfg.train.mixed_precision, torch.device("cpu"))  # as training on this CPU resolves it
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
@@ -67,6 +66,7 @@ def main() -> None:
         "tuned": (copy.deepcopy(unet), tuned_states, grounding, tuned_tower),
         "placed": (build_unet(cfg, with_embeddings.width), placed_states, grounding, placed_tower),
     }
+    objectives = {name: Objective(cfg.train, model) for name, (model, _, _, _) in variants.items()}
     optimizers = {
         name: torch.optim.AdamW([*model.parameters(), *(tower.parameters() if tower is not None else [])], lr=1e-4)
         for name, (model, _, _, tower) in variants.items()
@@ -78,10 +78,7 @@ def main() -> None:
         for _ in range(args.steps):
             with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
                 context, context_mask = states.lookup(rows)  # (B, T, D), (B, T)
-                terms = diffusion_loss(model, scheduler, batch.pixels, context, context_mask, grounding=targets)
-                loss = terms.diffusion if terms.grounding is None else terms.diffusion + cfg.train.grounding_weight * terms.grounding
-                if terms.place is not None:
-                    loss = loss + cfg.train.place_weight * terms.place
+                loss = objectives[name](model, batch.pixels, context, context_mask, targets).total
             optimizers[name].zero_grad(set_to_none=True)
             loss.backward()
             optimizers[name].step()

@@ -51,7 +51,7 @@ class Ours(torch.nn.Module):
         self.unet = unet
 
     def forward(self, x, t, context, mask):
-        return self.unet(x, t, context, mask)
+        return self.unet(x, t, self.unet.condition(context, mask))
 
 
 class Library(torch.nn.Module):

@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from diffusion.sampling.settings import SamplerSettings
+from diffusion.data.vocabulary import ShapesConfig
 from diffusion.errors import UserError
-from diffusion.data.vocabulary import MAX_SUPPORTED_OBJECTS, PALETTE, SHAPE_NAMES, parse_pair, parse_relation_pattern
+from diffusion.text.tiny_clip import TinyClipConfig
 
 
 class ConfigError(UserError, ValueError):
@@ -26,48 +26,6 @@ class ConfigError(UserError, ValueError):
 def ranged(default: Any, *, ge: float | None = None, gt: float | None = None, lt: float | None = None, note: str = ""):
     """A scalar field with its valid range, checked when a config is loaded (`check_ranges`)."""
     return field(default=default, metadata={"range": (ge, gt, lt), "note": note})
-
-
-@dataclass
-class ShapesConfig:
-    """Everything that defines a generated shapes dataset; plain types so YAML can fill it."""
-
-    num_train: int = 20000
-    num_test: int = 1000
-    image_size: int = 32
-    seed: int = 0
-    colours: list[str] = field(
-        default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"]
-    )
-    shapes: list[str] = field(default_factory=lambda: list(SHAPE_NAMES))
-    max_objects: int = 3
-    held_out_pairs: list[str] = field(default_factory=lambda: ["red triangle", "blue star"])
-    # A relation pattern is held out in both phrasings (no training caption says "square below circle" either).
-    held_out_relations: list[str] = field(default_factory=lambda: ["circle above square"])
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise ValueError naming the bad field and the allowed values."""
-        unknown_colours = [c for c in self.colours if c not in PALETTE]
-        if unknown_colours or not self.colours:
-            raise ValueError(f"shapes.colours {self.colours} must be a non-empty subset of {list(PALETTE)}")
-        unknown_shapes = [s for s in self.shapes if s not in SHAPE_NAMES]
-        if unknown_shapes or not self.shapes:
-            raise ValueError(f"shapes.shapes {self.shapes} must be a non-empty subset of {list(SHAPE_NAMES)}")
-        if not 1 <= self.max_objects <= MAX_SUPPORTED_OBJECTS:
-            raise ValueError(f"shapes.max_objects must be 1..{MAX_SUPPORTED_OBJECTS}, got {self.max_objects}")
-        if self.image_size < 16:
-            raise ValueError(f"shapes.image_size must be >= 16 so shapes stay recognisable, got {self.image_size}")
-        if self.num_train < 0 or self.num_test < 0:
-            raise ValueError("shapes.num_train and shapes.num_test must be >= 0")
-        for pair in self.held_out_pairs:
-            parse_pair(pair, self.colours, self.shapes)
-        for pattern in self.held_out_relations:
-            parse_relation_pattern(pattern, self.shapes)
-        if len(self.held_out_pairs) >= len(self.colours) * len(self.shapes):
-            raise ValueError("shapes.held_out_pairs holds out every colour-shape pair; nothing is left to train on")
 
 
 @dataclass
@@ -91,35 +49,6 @@ class DataConfig:
 
 
 @dataclass
-class TinyClipConfig:
-    """Architecture and training of the tiny CLIP; plain types so YAML can fill it."""
-
-    # Tokenizer and text tower.
-    vocab_size: int = 1024
-    max_length: int = 32  # tokens, including <|startoftext|> and <|endoftext|>
-    text_width: int = 128
-    text_layers: int = 3
-    text_heads: int = 4
-    text_mlp_width: int = 512
-    # Vision tower: a small ViT.
-    image_size: int = 32
-    patch_size: int = 8  # a 4x4 grid of 8 px patches: ~4x cheaper per step than 4 px patches
-    vision_width: int = 128
-    vision_layers: int = 3
-    vision_heads: int = 4
-    vision_mlp_width: int = 512
-    projection_dim: int = 128
-    # Training.
-    steps: int = 450  # ~6 epochs of 20k pairs: ~3 min on 2 CPU cores
-    batch_size: int = 256
-    lr: float = 1e-3
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    seed: int = 0
-    retrieval_pairs: int = 100  # held-out pairs with distinct captions for the retrieval metric
-
-
-@dataclass
 class TextEncoderConfig:
     # "tiny-clip" (our own CLIP, trained offline on the dataset's captions on first use), a Hub id
     # such as "openai/clip-vit-base-patch32", or a local directory holding a saved CLIP.
@@ -139,7 +68,6 @@ class UNetConfig:
     self_attention_resolutions: list[int] = field(default_factory=lambda: [8])
     head_dim: int = ranged(16, ge=1)
     norm_groups: int = ranged(8, ge=1)
-    dropout: float = ranged(0.0, ge=0, lt=1)
     # Width multiple of a gated feed-forward after each cross-attention layer (0: none).
     ff_mult: int = ranged(4, ge=0, note="0: no feed-forward")
     # Add the end token's text state (CLIP's pooled output) to the timestep embedding, as SDXL does.
@@ -156,17 +84,6 @@ class UNetConfig:
 
 
 @dataclass
-class NoiseConfig:
-    """The noise schedule (a diffusers DDPMScheduler); the UNet never sees it."""
-
-    num_train_timesteps: int = ranged(1000, ge=2)
-    beta_schedule: str = "squaredcos_cap_v2"
-    prediction_type: str = "v_prediction"  # or "epsilon"
-    rescale_betas_zero_snr: bool = True
-    timestep_spacing: str = "trailing"
-
-
-@dataclass
 class TrainConfig:
     seed: int = ranged(0, ge=0)
     batch_size: int = ranged(128, ge=1)
@@ -176,15 +93,12 @@ class TrainConfig:
     max_steps: int = ranged(100000, ge=1)
     # Stop after this many minutes of training even if max_steps is not reached (0: no limit).
     max_minutes: float = ranged(30.0, ge=0, note="0: no time limit")
-    weight_decay: float = ranged(0.0, ge=0)
-    adam_beta2: float = ranged(0.99, ge=0, lt=1)
     grad_clip: float = ranged(1.0, ge=0, note="0: no clipping")
     gradient_accumulation_steps: int = ranged(1, ge=1)
     # "auto": bf16 where the hardware computes it natively (a CPU with AVX-512/AMX, a GPU that supports it;
     # fp16 on an older GPU), else fp32. "no" (fp32), "bf16" or "fp16" (on a GPU only) force one.
     mixed_precision: str = "auto"
     caption_dropout: float = ranged(0.1, ge=0, lt=1)
-    min_snr_gamma: float = ranged(0.0, ge=0, note="0: off")  # 0 turns min-SNR weighting off; 5 is the paper's value
     # Weight of the grounding loss (diffusion.training.grounding): each caption word's cross-attention kept on the
     # object it names. Needs masks and word_objects in the dataset (the shapes dataset has them); 0: off.
     grounding_weight: float = ranged(0.1, ge=0, note="0 turns the grounding loss off")
@@ -198,7 +112,6 @@ class TrainConfig:
     # are exported with the model); 0 keeps it frozen and its states are computed once per caption.
     text_encoder_lr: float = ranged(3e-4, ge=0, note="0: frozen")
     ema_decay: float = ranged(0.999, ge=0, lt=1)
-    ema_warmup: bool = True
     checkpoint_every: int = ranged(500, ge=1)
     keep_checkpoints: int = ranged(2, ge=0, note="0: keep all")
     log_every: int = ranged(50, ge=1)
@@ -213,8 +126,7 @@ class TrainConfig:
             "a purple star above an orange circle",
         ]
     )
-    validation_steps: int = ranged(SamplerSettings.steps, ge=1)
-    validation_guidance: float = ranged(SamplerSettings.guidance, ge=0)
+    validation_steps: int = ranged(100, ge=1, note="sample.py's default")  # the guidance and sampler are sample.py's
 
 
 @dataclass
@@ -225,7 +137,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -297,34 +208,6 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-# Options measured and rejected, then removed (BENCHMARKS.md, "Tried and not adopted"), with their off
-# value: a config saved before their removal still loads when it holds them off; on is an error.
-RETIRED: dict[tuple[str, ...], Any] = {
-    ("unet", "position_embedding"): False,
-    ("unet", "text_refiner_layers"): 0,
-    ("train", "grounding_pure_noise_weight"): 0.0,
-    ("text_encoder", "tiny_clip", "hard_negative_groups"): [],
-    ("text_encoder", "input_embeddings"): False,
-    ("text_encoder", "tiny_clip", "relation_twins"): False,
-    ("train", "high_noise_share"): 0.0,
-    ("data", "shapes", "converse_captions"): False,
-}
-
-
-def drop_retired(values: dict, where: str) -> dict:
-    """Remove retired fields that hold their off value; a ConfigError for one that is on."""
-    for path, off in RETIRED.items():
-        node = values
-        for key in path[:-1]:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict) and path[-1] in node and node.pop(path[-1]) != off:
-            raise ConfigError(
-                f"{where}: {'.'.join(path)} was removed after it was measured and not adopted (BENCHMARKS.md, "
-                '"Tried and not adopted", names the commit that still has it); drop the setting'
-            )
-    return values
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML preset (or the built-in defaults when `path` is None) and apply overrides."""
     values: dict = {}
@@ -337,9 +220,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         values = loaded or {}
-    drop_retired(values, str(path))
-    values = drop_retired(apply_overrides(values, overrides or []), "override")
-    config = from_dict(Config, values)
+    config = from_dict(Config, apply_overrides(values, overrides or []))
     validate_config(config)
     return config
 
@@ -373,7 +254,6 @@ def validate_config(cfg: Config) -> None:
     check_ranges(cfg, "")
     _choose("train.mixed_precision", cfg.train.mixed_precision, ("auto", "no", "bf16", "fp16"))
     _choose("train.lr_schedule", cfg.train.lr_schedule, ("cosine", "constant"))
-    _choose("noise.prediction_type", cfg.noise.prediction_type, ("epsilon", "v_prediction"))
     u = cfg.unet
     if not u.channel_mults:
         raise ConfigError("unet.channel_mults must list at least one level, e.g. [1, 2, 2]")

@@ -55,11 +55,12 @@ class Demo:
     """The loaded model and what one request does with it; the web page is `build_app`."""
 
     def __init__(self, model: str | Path, device: str = "auto"):
-        from diffusion.sampling.pipeline import TextToImagePipeline, find_model_dir
+        from diffusion.runs import find_model_dir, run_name
+        from diffusion.sampling.pipeline import TextToImagePipeline
 
         chosen = use_device(device)  # a missing GPU is said before the model is loaded
         self.model_dir = find_model_dir(model)
-        self.name = self.model_dir.parent.name if self.model_dir.name == "model" else self.model_dir.name
+        self.name = run_name(self.model_dir)
         self.pipe = TextToImagePipeline.from_run(self.model_dir, device=chosen)
 
     def page(self, prompt: str, compare: str, seed, settings: SamplerSettings, progress: bool = False) -> tuple[str, list[str]]:

@@ -1,4 +1,5 @@
-"""Writing a folder so that it appears whole or not at all (datasets, the tiny CLIP, checkpoints, exports).
+"""Writing a folder so that it appears whole or not at all (datasets, the tiny CLIP, checkpoints, exports),
+and the names of cached folders (a hash of the settings that made them).
 
 Everything is written into a hidden sibling first and renamed into place once complete, so a process
 killed at any moment never leaves a half-written folder that looks whole.
@@ -6,11 +7,18 @@ killed at any moment never leaves a half-written folder that looks whole.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def config_hash(*parts: dict) -> str:
+    """The name of what `parts` (plain settings) make: the first 10 hex digits of their JSON's SHA-256."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def check_folder_path(path: str | Path, flag: str) -> None:

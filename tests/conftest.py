@@ -17,6 +17,15 @@ def tiny_config(cache_dir, *overrides):
     return load_config(TINY, [f"cache_dir={cache_dir}", *overrides])
 
 
+def unet_args(sample_size: int, context_dim: int, **changes) -> dict:
+    """UNet's arguments: the default model's (diffusion.config.UNetConfig) with `changes`."""
+    from dataclasses import asdict
+
+    from diffusion.config import UNetConfig
+
+    return {"sample_size": sample_size, "context_dim": context_dim, **asdict(UNetConfig(**changes))}
+
+
 def exported_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors")
 

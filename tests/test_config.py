@@ -75,10 +75,9 @@ def test_out_of_range_fields_are_refused_at_load(override, message):
         load_config(None, [override])
 
 
-def test_removed_options_load_when_off_and_are_named_when_on(tmp_path):
-    old = tmp_path / "old.yaml"
-    old.write_text("unet:\n  position_embedding: false\ntrain:\n  grounding_pure_noise_weight: 0.0\n")
-    assert load_config(old, ["unet.text_refiner_layers=0"]) == load_config(None)  # an old run's config, switched off
-    old.write_text("train:\n  grounding_pure_noise_weight: 1.0\n")
-    with pytest.raises(ConfigError, match=r"old\.yaml: train\.grounding_pure_noise_weight was removed"):
-        load_config(old)
+def test_validation_samples_as_sample_py_does():
+    """Validation images are what `python sample.py` would give at the same step count."""
+    from diffusion.config import TrainConfig
+    from diffusion.sampling.settings import SamplerSettings
+
+    assert TrainConfig().validation_steps == SamplerSettings().steps

@@ -111,7 +111,7 @@ def test_a_training_step_never_waits_for_the_host(cache_dir):
     from diffusion.text.encoder import TextEncoder
     from diffusion.training.batches import TrainingBatches
     from diffusion.training.grounding import TokenObjectTable
-    from diffusion.training.objective import diffusion_loss, make_noise_scheduler
+    from diffusion.training.objective import Objective
     from diffusion.training.prepare import prepare_dataset, prepare_text_encoder
     from diffusion.training.setup import build_unet
     from diffusion.training.text_states import TextStateCache
@@ -127,14 +127,13 @@ def test_a_training_step_never_waits_for_the_host(cache_dir):
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, fused=True)
     ema = EMAModel(unet.parameters(), foreach=True)
     ema.to(device)
-    scheduler = make_noise_scheduler(cfg.noise)
+    objective = Objective(cfg.train, unet)
     for step in range(3):  # the first step moves the schedule's tables to the GPU once
         torch.cuda.set_sync_debug_mode("error" if step else "default")
         try:
             images, rows, grounding = batches(step)
             context, mask = states.lookup(rows)
-            terms = diffusion_loss(unet, scheduler, images, context, mask, grounding=grounding)
-            (terms.diffusion + 0.1 * terms.grounding + 0.1 * terms.place).backward()
+            objective(unet, images, context, mask, grounding).total.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             ema.step(unet.parameters())

@@ -120,13 +120,14 @@ GROUNDING_FORMAT = (
 )
 
 
-def load_mask(path: Path, size: int) -> np.ndarray:
-    """uint8 (size, size) object ids, resized like the images but with nearest-neighbour sampling."""
+def load_mask(path: Path, size: int, grey: bool = False) -> np.ndarray:
+    """uint8 (size, size), resized like the images but with nearest-neighbour sampling: object ids (pixel value
+    k marks object k; a mask of mode L, P or 1), or with `grey` the grey levels of a picture in any mode."""
     with Image.open(path) as mask:
-        if mask.mode not in ("L", "P", "1"):
+        if not grey and mask.mode not in ("L", "P", "1"):
             raise BadRow("bad mask", f"has mask file {path} in mode {mask.mode}; save it as 8-bit greyscale (mode L)")
-        ids = mask.convert("L") if mask.mode == "1" else mask.copy()
-    return np.asarray(resize_and_centre_crop(ids, size, Image.Resampling.NEAREST), dtype=np.uint8)
+        values = mask.convert("L") if grey or mask.mode == "1" else mask.copy()
+    return np.asarray(resize_and_centre_crop(values, size, Image.Resampling.NEAREST), dtype=np.uint8)
 
 
 @dataclass

@@ -1,10 +1,13 @@
-"""The shapes world's words: palette colours, shape names, sizes, and the held-out compositions'
-notation. Pure Python, so the config can check a dataset's settings without loading numpy or PIL.
+"""The shapes world's words: palette colours, shape names, sizes, the held-out compositions'
+notation, and `ShapesConfig`, the settings that choose a dataset from them. Pure Python, so the
+config can check a dataset's settings without loading numpy or PIL.
 """
 
 from __future__ import annotations
 
-from diffusion.text.relations import CONVERSE, RELATIONS
+from dataclasses import dataclass, field
+
+from diffusion.data.relations import CONVERSE, RELATIONS
 
 # Palette: well-separated saturated colours, all far from the white background.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -62,3 +65,45 @@ def with_converses(patterns: list[str], shapes: list[str]) -> list[str]:
         subject, relation, reference = parse_relation_pattern(pattern, shapes)
         converses.append(f"{reference} {CONVERSE[relation]} {subject}")
     return list(dict.fromkeys([*patterns, *converses]))
+
+
+@dataclass
+class ShapesConfig:
+    """Everything that defines a generated shapes dataset; plain types so YAML can fill it."""
+
+    num_train: int = 20000
+    num_test: int = 1000
+    image_size: int = 32
+    seed: int = 0
+    colours: list[str] = field(
+        default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "orange"]
+    )
+    shapes: list[str] = field(default_factory=lambda: list(SHAPE_NAMES))
+    max_objects: int = 3
+    held_out_pairs: list[str] = field(default_factory=lambda: ["red triangle", "blue star"])
+    # A relation pattern is held out in both phrasings (no training caption says "square below circle" either).
+    held_out_relations: list[str] = field(default_factory=lambda: ["circle above square"])
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field and the allowed values."""
+        unknown_colours = [c for c in self.colours if c not in PALETTE]
+        if unknown_colours or not self.colours:
+            raise ValueError(f"shapes.colours {self.colours} must be a non-empty subset of {list(PALETTE)}")
+        unknown_shapes = [s for s in self.shapes if s not in SHAPE_NAMES]
+        if unknown_shapes or not self.shapes:
+            raise ValueError(f"shapes.shapes {self.shapes} must be a non-empty subset of {list(SHAPE_NAMES)}")
+        if not 1 <= self.max_objects <= MAX_SUPPORTED_OBJECTS:
+            raise ValueError(f"shapes.max_objects must be 1..{MAX_SUPPORTED_OBJECTS}, got {self.max_objects}")
+        if self.image_size < 16:
+            raise ValueError(f"shapes.image_size must be >= 16 so shapes stay recognisable, got {self.image_size}")
+        if self.num_train < 0 or self.num_test < 0:
+            raise ValueError("shapes.num_train and shapes.num_test must be >= 0")
+        for pair in self.held_out_pairs:
+            parse_pair(pair, self.colours, self.shapes)
+        for pattern in self.held_out_relations:
+            parse_relation_pattern(pattern, self.shapes)
+        if len(self.held_out_pairs) >= len(self.colours) * len(self.shapes):
+            raise ValueError("shapes.held_out_pairs holds out every colour-shape pair; nothing is left to train on")

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -64,67 +65,21 @@ from diffusion.evaluation.localisation import (
 from diffusion.evaluation.prompts import RELATION_MARGIN_PX, EvalPrompt, build_tasks
 from diffusion.evaluation.report import failure_grid, markdown
 from diffusion.maps.format import MANIFEST_FILE, attn_folder
+from diffusion.runs import find_model_dir, read_run_config, read_training_info, run_name, shapes_info
 from diffusion.sampling.settings import SamplerSettings
 
 if TYPE_CHECKING:
+    from diffusion.config import Config
     from diffusion.sampling.generate import Job
 
 # ---------------------------------------------------------------------------------------------
-# The model and its data
+# Sampling
 # ---------------------------------------------------------------------------------------------
-
-
-def run_name(model_dir: Path) -> str:
-    """outputs/runs/<name>/model -> <name>; any other model folder -> its own name."""
-    return model_dir.parent.name if model_dir.name == "model" else model_dir.name
 
 
 def output_dir(args: argparse.Namespace, name: str) -> Path:
     """--out, or outputs/eval/<run name>."""
     return Path(args.out) if args.out else Path("outputs/eval") / name
-
-
-def read_run_config(model_dir: Path):
-    """The resolved training config saved with the export (model/config.yaml)."""
-    from diffusion.config import ConfigError, load_config
-
-    path = model_dir / "config.yaml"
-    if not path.is_file():
-        raise UserError(f"{model_dir} has no config.yaml, so what data the model was trained on is unknown")
-    try:
-        return load_config(path)
-    except ConfigError as error:
-        raise UserError(f"{path}: {error}") from None
-
-
-def shapes_info(cfg, model_dir: Path | None = None) -> tuple[dict, str]:
-    """The dataset's dataset_info.json (held-out pairs and relations, palette, config), and where it came from.
-
-    Read from the folder the model was trained on (training_info.json's train_dir) when it is there, so a
-    model is judged by its own data; else from the cached dataset its config names now; else rebuilt from
-    the run's config, which defines the dataset completely (only the held-out row count is then unknown).
-    """
-    from diffusion.data.shapes import dataset_info
-    from diffusion.training.prepare import shapes_dir
-
-    candidates = [shapes_dir(cfg.data, Path(cfg.cache_dir)) / "dataset_info.json"]
-    recorded = read_training_info(model_dir).get("train_dir") if model_dir is not None else None
-    if recorded:
-        candidates.insert(0, Path(recorded).parent / "dataset_info.json")
-    for path in candidates:
-        if path.is_file():
-            return json.loads(path.read_text()), str(path)
-    return dataset_info(cfg.data.shapes, num_test_held_out=None), "rebuilt from the run's config (no cached dataset found)"
-
-
-def read_training_info(model_dir: Path) -> dict:
-    path = model_dir / "training_info.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling
-# ---------------------------------------------------------------------------------------------
 
 
 def plan_jobs(prompts: dict[str, EvalPrompt], seeds: list[int], rows: list[MaskRow] | None) -> list[Job]:
@@ -146,18 +101,8 @@ def model_record(model_dir: Path) -> dict:
     return record
 
 
-def stored_settings(manifest: dict, expected: dict) -> dict:
-    """What a stored image manifest records of the keys of `expected` (model and sampler settings)."""
-    stored = {k: manifest.get(k) for k in expected}
-    if "layout_guidance" not in manifest:  # written before --layout-guidance existed: made without
-        stored["layout_guidance"] = 0.0
-    if manifest.get("guidance_rescale"):  # made with the retired --guidance-rescale: never the same settings
-        stored["guidance_rescale"] = manifest["guidance_rescale"]
-    return stored
-
-
-def sample_missing(pipe_loader, jobs: list[Job], samples_dir: Path, args, model_dir: Path) -> tuple[int, int]:
-    """Sample the jobs whose image and maps are not in samples_dir yet; (sampled, reused).
+def sample_missing(jobs: list[Job], samples_dir: Path, args, model_dir: Path) -> None:
+    """Sample the jobs whose image and maps are not in samples_dir yet, and say how many were sampled and reused.
 
     An image already there is reused when its manifest records the same model (path and training
     step) and sampler settings (scheduler, steps, guidance scale, layout guidance); one made with
@@ -165,6 +110,7 @@ def sample_missing(pipe_loader, jobs: list[Job], samples_dir: Path, args, model_
     """
     from diffusion.maps.aggregate import MapSettings
     from diffusion.sampling.generate import generate
+    from diffusion.sampling.pipeline import TextToImagePipeline
 
     names = [j.file_name for j in jobs]
     if len(set(names)) != len(names):
@@ -178,7 +124,8 @@ def sample_missing(pipe_loader, jobs: list[Job], samples_dir: Path, args, model_
         if args.overwrite or not manifest.is_file() or not image.is_file():
             todo.append(job)
             continue
-        stored = stored_settings(json.loads(manifest.read_text()), expected)
+        recorded = json.loads(manifest.read_text())
+        stored = {key: recorded.get(key) for key in expected}  # what it was made with, on the expected keys as they are
         if stored != expected:
             raise UserError(
                 f"{samples_dir} holds {job.file_name} made with other settings ({stored}); "
@@ -186,10 +133,122 @@ def sample_missing(pipe_loader, jobs: list[Job], samples_dir: Path, args, model_
             )
     if todo:
         generate(
-            pipe_loader(), todo, samples_dir, args.sampler, args.batch_size, maps=MapSettings(keep_layers=False),
-            extra_manifest=model, progress=not args.no_progress,
+            TextToImagePipeline.from_run(model_dir, device=args.device), todo, samples_dir, args.sampler,
+            args.batch_size, maps=MapSettings(keep_layers=False), extra_manifest=model, progress=not args.no_progress,
         )
-    return len(todo), len(jobs) - len(todo)
+    print(f"{len(todo)} image(s) sampled, {len(jobs) - len(todo)} reused, in {samples_dir}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The two evaluations: a shapes model, and a model of the user's own data
+# ---------------------------------------------------------------------------------------------
+
+DETECTOR = DetectorSettings()  # the detector's settings, recorded in results.json
+
+
+@dataclass
+class Findings:
+    """One evaluation's part of results.json, and how many failed images failures.png shows."""
+
+    images: int  # sampled or reused
+    dataset_info: str | None  # where the shapes dataset's description came from
+    fidelity: dict
+    real_data: dict | None
+    localisation: list[dict]
+    per_image: list[dict] = field(default_factory=list)
+    failure_tiles: int = 0
+
+
+def detector_localisation(records: list[ImageRecord]) -> dict:
+    """The localisation section of a shapes model: each colour and shape word against its detected object."""
+    table = LocalisationTable(("colour", "shape"))
+    counts = localise_shapes(records, table)
+    source = "the detector: each colour and shape word -> the detected object of that colour and shape"
+    return localisation_section(source, table, counts)
+
+
+def user_localisation(rows: list[MaskRow] | None, samples_dir: Path, masks_file: str | None) -> list[dict]:
+    """The localisation section of --masks, if given: each masked word against the user's mask (problems warned about)."""
+    if rows is None:
+        return []
+    table = LocalisationTable(("word",))
+    counts = localise_user_masks(rows, samples_dir, table)
+    for problem in counts["problems"]:
+        print(f"warning: --masks {problem}", file=sys.stderr)
+    return [localisation_section(f"the user's masks ({masks_file})", table, counts)]
+
+
+def real_data_section(cfg, splits, pool: list[str], samples_dir: Path, seeds: list[int]) -> dict:
+    """R-precision and KID of each split's generated images, judged by a tiny CLIP independent of the UNet's text tower."""
+    from PIL import Image
+
+    from diffusion.evaluation.realdata import CANDIDATES, Judge, score_split
+    from diffusion.sampling.generate import Job
+
+    judge = Judge.for_run(cfg)
+    pool_embeddings = judge.captions(pool)
+    scored = []
+    for split in splits:
+        generated = [[Image.open(samples_dir / Job(c, seed).file_name).convert("RGB") for seed in seeds] for c in split.captions]
+        scored.append(score_split(judge, split, generated, pool, pool_embeddings))
+    return {"judge": judge.source, "candidates": CANDIDATES, "splits": scored}
+
+
+def evaluate_shapes(args, model_dir: Path, cfg: Config, rows: list[MaskRow] | None, out_dir: Path) -> Findings:
+    """A shapes model: the prompts of its dataset's tasks with every seed, graded by the detector (prompt
+    fidelity, failures.png), and each colour and shape word's map against its detected object (and --masks)."""
+    from diffusion.sampling.generate import Job
+
+    samples_dir, seeds = out_dir / "samples", list(range(args.seeds))
+    # 1. Sample what is missing: every prompt with every seed, then the user's (prompt, seed) rows.
+    info, info_source = shapes_info(cfg, model_dir)
+    tasks = build_tasks(info, quick=args.quick)
+    prompts = {p.text: p for task in tasks for p in task.prompts}
+    jobs = list(dict.fromkeys(plan_jobs(prompts, seeds, rows)))
+    sample_missing(jobs, samples_dir, args, model_dir)
+    # 2. Detect the objects of every image and locate each named object.
+    palette = {c: tuple(v) for c, v in info["palette"].items()}
+    records = [
+        ImageRecord.detect(prompt, seed, samples_dir / Job(text, seed).file_name, palette, DETECTOR)
+        for text, prompt in prompts.items()
+        for seed in seeds
+    ]
+    # 3. Grade the images; score the maps against the detected objects and the user's masks.
+    fidelity = evaluate_fidelity(tasks, records)
+    localisation = [detector_localisation(records), *user_localisation(rows, samples_dir, args.masks)]
+    return Findings(
+        len(jobs), info_source, fidelity, None, localisation, per_image=[r.to_dict(out_dir) for r in records],
+        failure_tiles=failure_grid(records, out_dir / "failures.png"),
+    )
+
+
+def evaluate_own_data(args, model_dir: Path, cfg: Config, rows: list[MaskRow] | None, out_dir: Path) -> Findings:
+    """A model of the user's own data: its captions' images judged by the dataset's own CLIP beside real images,
+    and with --masks each masked word's map against the user's mask. Prompt fidelity does not apply."""
+    from diffusion.evaluation.realdata import read_splits
+    from diffusion.sampling.generate import Job
+
+    samples_dir, seeds = out_dir / "samples", list(range(args.seeds))
+    # 1. Sample what is missing: the user's (prompt, seed) rows, then each split's captions with every seed.
+    splits, pool, real_data = [], [], None
+    try:
+        splits, pool = read_splits(cfg, args.captions)
+    except UserError as error:
+        if rows is None:
+            raise
+        real_data = {"skipped": str(error)}  # --masks still scores the maps
+        print(f"warning: no real-data quality: {error}", file=sys.stderr)
+    jobs = plan_jobs({}, seeds, rows) + [Job(c, seed) for split in splits for c in split.captions for seed in seeds]
+    jobs = list(dict.fromkeys(jobs))
+    sample_missing(jobs, samples_dir, args, model_dir)
+    # 2. Judge each split's images; score the maps against the user's masks.
+    if splits:
+        real_data = real_data_section(cfg, splits, pool, samples_dir, seeds)
+    fidelity = {
+        "applies": False,
+        "message": f"Prompt fidelity applies to the shapes domain only; this model was trained on {cfg.data.dataset}.",
+    }
+    return Findings(len(jobs), None, fidelity, real_data, user_localisation(rows, samples_dir, args.masks))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,124 +287,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def detector_localisation(records: list[ImageRecord]) -> dict:
-    """The localisation section of a shapes model: each colour and shape word against its detected object."""
-    table = LocalisationTable(("colour", "shape"))
-    counts = localise_shapes(records, table)
-    source = "the detector: each colour and shape word -> the detected object of that colour and shape"
-    return localisation_section(source, table, counts)
-
-
-def user_localisation(rows: list[MaskRow], samples_dir: Path, masks_file: str) -> dict:
-    """The localisation section of --masks: each masked word against the user's mask (problems warned about)."""
-    table = LocalisationTable(("word",))
-    counts = localise_user_masks(rows, samples_dir, table)
-    for problem in counts["problems"]:
-        print(f"warning: --masks {problem}", file=sys.stderr)
-    return localisation_section(f"the user's masks ({masks_file})", table, counts)
-
-
-def real_data_section(cfg, splits, pool: list[str], samples_dir: Path, seeds: list[int]) -> dict:
-    """R-precision and KID of each split's generated images, judged by a tiny CLIP independent of the UNet's text tower."""
-    from PIL import Image
-
-    from diffusion.evaluation.realdata import CANDIDATES, Judge, score_split
-    from diffusion.sampling.generate import Job
-
-    judge = Judge.for_run(cfg)
-    pool_embeddings = judge.captions(pool)
-    scored = []
-    for split in splits:
-        generated = [[Image.open(samples_dir / Job(c, seed).file_name).convert("RGB") for seed in seeds] for c in split.captions]
-        scored.append(score_split(judge, split, generated, pool, pool_embeddings))
-    return {"judge": judge.source, "candidates": CANDIDATES, "splits": scored}
-
-
 def evaluate(args: argparse.Namespace) -> dict:
-    """Run the evaluation the arguments ask for; write the reports and return results.json's content."""
-    from diffusion.sampling.generate import Job
-    from diffusion.sampling.pipeline import TextToImagePipeline, find_model_dir
-
+    """Run the evaluation the arguments ask for (a shapes model's or an own-data model's); write the reports
+    and return results.json's content."""
     model_dir = find_model_dir(args.model)
     cfg = read_run_config(model_dir)
-    is_shapes = cfg.data.dataset == "shapes"
     rows = read_masks_file(Path(args.masks)) if args.masks else None
     out_dir = output_dir(args, run_name(model_dir))
-    samples_dir = out_dir / "samples"
-    seeds = list(range(args.seeds))
-    detector = DetectorSettings()
-
-    # 1. Plan the images: the shapes prompts with every seed, and the user's (prompt, seed) rows.
-    tasks, info, info_source = [], None, None
-    if is_shapes:
-        info, info_source = shapes_info(cfg, model_dir)
-        tasks = build_tasks(info, quick=args.quick)
-    prompts = {p.text: p for task in tasks for p in task.prompts}
-    splits, real_data = [], None
-    if not is_shapes:  # a dataset of the user's own: its captions, judged by its own CLIP
-        from diffusion.evaluation.realdata import read_splits
-
-        try:
-            splits, pool = read_splits(cfg, args.captions)
-        except UserError as error:
-            if rows is None:
-                raise
-            real_data = {"skipped": str(error)}  # --masks still scores the maps
-            print(f"warning: no real-data quality: {error}", file=sys.stderr)
-    jobs = plan_jobs(prompts, seeds, rows) + [Job(c, seed) for split in splits for c in split.captions for seed in seeds]
-    jobs = list(dict.fromkeys(jobs))
-
-    # 2. Sample what is missing, with maps.
-    def load_pipe():
-        return TextToImagePipeline.from_run(model_dir, device=args.device)
-
-    sampled, reused = sample_missing(load_pipe, jobs, samples_dir, args, model_dir)
-    print(f"{sampled} image(s) sampled, {reused} reused, in {samples_dir}")
-
-    # 3. Detect the objects of every shapes image and locate each named object.
-    palette = {c: tuple(v) for c, v in info["palette"].items()} if info else None
-    records = [
-        ImageRecord.detect(prompt, seed, samples_dir / Job(text, seed).file_name, palette, detector)
-        for text, prompt in prompts.items()
-        for seed in seeds
-    ]
-
-    # 4. Grade the shapes images; score the maps against detected objects and/or the user's masks.
-    localisation = []
-    if is_shapes:
-        fidelity = evaluate_fidelity(tasks, records)
-        localisation.append(detector_localisation(records))
-    else:
-        fidelity = {
-            "applies": False,
-            "message": f"Prompt fidelity applies to the shapes domain only; this model was trained on {cfg.data.dataset}.",
-        }
-        if splits:
-            real_data = real_data_section(cfg, splits, pool, samples_dir, seeds)
-    if rows is not None:
-        localisation.append(user_localisation(rows, samples_dir, args.masks))
-
+    evaluation = evaluate_shapes if cfg.data.dataset == "shapes" else evaluate_own_data
+    found = evaluation(args, model_dir, cfg, rows, out_dir)
     s = args.sampler
     results = {
         "model": str(model_dir),
         "run_name": run_name(model_dir),
-        "images": len(jobs),
+        "images": found.images,
         "settings": {
             "seeds": args.seeds, "steps": s.steps, "guidance": s.guidance, "scheduler": s.scheduler,
             "quick": args.quick, "layout_guidance": s.layout_guidance,
-            "relation_margin_px": RELATION_MARGIN_PX, "detector": detector.to_dict(),
+            "relation_margin_px": RELATION_MARGIN_PX, "detector": DETECTOR.to_dict(),
         },
-        "dataset_info": info_source,
-        "fidelity": fidelity,
-        "real_data": real_data,
-        "localisation": localisation,
-        "per_image": [r.to_dict(out_dir) for r in records],
+        "dataset_info": found.dataset_info,
+        "fidelity": found.fidelity,
+        "real_data": found.real_data,
+        "localisation": found.localisation,
+        "per_image": found.per_image,
     }
-
-    # 5. Reports.
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out_dir / "results.md").write_text(markdown(results))
-    results["failure_tiles"] = failure_grid(records, out_dir / "failures.png") if is_shapes else 0
+    results["failure_tiles"] = found.failure_tiles
     return results
 
 

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from diffusion.data.shapes import INSIDE_TESTS, SQUARE_HALF_SIDE, SceneObject, object_mask
+from diffusion.data.scenes import SceneObject
+from diffusion.data.shapes import INSIDE_TESTS, SQUARE_HALF_SIDE, object_mask
 from diffusion.data.vocabulary import BACKGROUND, PALETTE, SIZE_FRACTIONS
 
 NEIGHBOURS_8 = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 
+from diffusion.data.folder import load_mask
 from diffusion.errors import UserError
 from diffusion.maps.format import read_word_maps
 
@@ -185,14 +185,6 @@ def parse_mask_row(line: str, path: Path, number: int) -> MaskRow:
     return MaskRow(row["prompt"], int(row.get("seed", 0)), masks, number)
 
 
-def load_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """A mask file as bool (H, W) = `size`, resized (nearest) when it is another size."""
-    image = Image.open(path).convert("L")
-    if image.size != (size[1], size[0]):
-        image = image.resize((size[1], size[0]), Image.NEAREST)
-    return np.asarray(image) > MASK_LEVEL
-
-
 def localise_user_masks(rows: list[MaskRow], samples_dir: Path, table: LocalisationTable) -> dict:
     """Score each masked word's map against the user's mask; the swapped baseline uses another masked word."""
     from diffusion.sampling.generate import Job
@@ -209,7 +201,7 @@ def localise_user_masks(rows: list[MaskRow], samples_dir: Path, table: Localisat
                 counts["word_not_in_prompt"] += 1
                 problems.append(f"line {row.line}: {word!r} is not a word of {row.prompt!r} (words: {words})")
                 continue
-            mask = load_mask(mask_path, maps.shape[1:])
+            mask = load_mask(mask_path, maps.shape[-1], grey=True) > MASK_LEVEL  # (S, S) bool
             if not mask.any():
                 counts["empty_mask"] += 1
                 problems.append(f"line {row.line}: the mask of {word!r} ({mask_path}) is empty")

@@ -1,7 +1,7 @@
 """Evaluation prompts for the shapes domain, grouped by task, each with the clauses an image must meet.
 
 In the manner of GenEval: every prompt is written in the dataset's caption grammar
-(`diffusion.data.shapes.describe` / `caption`) and carries what it asks for (objects with colour,
+(`diffusion.data.scenes.describe` / `caption`) and carries what it asks for (objects with colour,
 shape and size word, and a relation), so a detector can check an image against it. A task names
 the prompts it uses and which clauses it grades; several tasks grade the same images differently
 (a single-object image is graded once for colour, once for shape and once for both).
@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 from itertools import product
 
 from diffusion.evaluation.detector import Detection
-from diffusion.data.shapes import Scene, SceneObject, caption, skeleton_relations
+from diffusion.data.scenes import Scene, SceneObject, caption, skeleton_relations
 from diffusion.data.vocabulary import parse_pair, parse_relation_pattern
-from diffusion.text.relations import RELATION_AXES, RELATIONS
+from diffusion.data.relations import RELATION_AXES, RELATIONS
 
 # A relation holds when the subject's centre lies on the stated side of the reference's centre by
 # at least this many pixels along the relation's axis (left/right: x, above/below: y).

@@ -6,8 +6,10 @@ steps. At the end each layer's mean is upsampled to the image size, and the glob
 over layers. Optional per-step snapshots keep the global map at chosen steps, and beside it the
 step's estimate of the clean image, so a viewer can show the map forming as the image emerges.
 
-The aggregator is a sampling hook: the loop asks its `recorder(step_index, timestep)` for each
-step's recorder and passes it to the UNet explicitly: no global hooks, no call counting.
+The aggregator is a sampling hook by its methods (those of diffusion.sampling.loop.SamplingHook, which
+this layer below the sampler does not import): the loop asks its `recorder(step_index, timestep)` for
+each step's recorder and passes it to the UNet explicitly: no global hooks, no call counting.
+`ImageAttention` holds one image's share of the result, keyed by its prompt's tokens and words.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from diffusion.model.attention import AttentionRecorder
-from diffusion.sampling.loop import SamplingHook
+from diffusion.text.prompt_tokens import PromptTokens
 
 
 @dataclass
@@ -48,8 +51,29 @@ class AttentionMaps:
     steps_aggregated: list[int] = field(default_factory=list)  # timesteps summed into the maps
 
 
-class AttentionAggregator(SamplingHook):
-    """Accumulates the conditional half's maps of a guided batch over steps and layers."""
+@dataclass
+class ImageAttention:
+    """The maps of one image: arrays (T, S, S) over its kept tokens, plus the token -> word key."""
+
+    tokens: PromptTokens
+    global_map: torch.Tensor  # (T, S, S)
+    layers: dict[str, torch.Tensor]  # layer name -> (T, S, S)
+    snapshots: dict[int, torch.Tensor]  # step index -> (T, S, S)
+    snapshot_images: dict[int, Image.Image]  # step index -> the step's estimate of the clean image
+    steps_aggregated: list[int]
+    layer_resolutions: dict[str, int]
+    settings: MapSettings
+
+    def word_maps(self, maps: torch.Tensor | None = None) -> torch.Tensor:
+        """(W, S, S): each word's map, the mean of its tokens' maps."""
+        maps = self.global_map if maps is None else maps
+        if not self.tokens.words:
+            return maps.new_zeros((0, *maps.shape[1:]))
+        return torch.stack([maps[self.tokens.token_indices(w)].mean(0) for w in range(len(self.tokens.words))])
+
+
+class AttentionAggregator:
+    """Accumulates the conditional half's maps of a guided batch over steps and layers (a sampling hook)."""
 
     def __init__(self, batch_size: int, image_size: int, settings: MapSettings | None = None):
         self.batch_size = batch_size
@@ -60,6 +84,9 @@ class AttentionAggregator(SamplingHook):
         self.snapshots: dict[int, torch.Tensor] = {}
         self.denoised: dict[int, torch.Tensor] = {}
         self.steps_aggregated: list[int] = []
+
+    def before_step(self, step_index: int, timestep: int, x: torch.Tensor, denoise) -> torch.Tensor:
+        return x  # it only observes
 
     def recorder(self, step_index: int, timestep: int) -> AttentionRecorder | None:
         """The recorder to pass to the UNet at this step, or None to skip recording it."""

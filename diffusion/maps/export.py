@@ -16,8 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from diffusion.images import tile
+from diffusion.maps.aggregate import ImageAttention
 from diffusion.maps.format import STEP_IMAGE, attn_folder, write_maps
-from diffusion.sampling.pipeline import ImageAttention
 
 DISPLAY_SIZE = 256  # overlays and grid tiles are upscaled to this many pixels (nearest neighbour)
 

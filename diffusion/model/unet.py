@@ -10,6 +10,7 @@ nothing of the noise schedule. Save/load comes from diffusers' ModelMixin + Conf
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,6 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from diffusion.config import RETIRED
 from diffusion.model.attention import AttentionRecorder, CrossAttention, FeedForward, SelfAttention
 from diffusion.model.text_placer import TextPlacer
 
@@ -33,20 +33,19 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, plus the timestep embedding, twice; with a skip connection."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, norm_groups: int, dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, norm_groups: int):
         super().__init__()
         self.norm1 = nn.GroupNorm(norm_groups, in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, out_ch)
         self.norm2 = nn.GroupNorm(norm_groups, out_ch)
-        self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
         h = h + self.emb(emb)[:, :, None, None]  # timestep, broadcast over pixels
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(F.silu(self.norm2(h)))
         return self.skip(x) + h
 
 
@@ -56,10 +55,10 @@ class UNetBlock(nn.Module):
 
     def __init__(
         self, in_ch: int, out_ch: int, emb_dim: int, context_dim: int, self_attend: bool, cross_attend: bool,
-        head_dim: int, norm_groups: int, dropout: float, ff_mult: int,
+        head_dim: int, norm_groups: int, ff_mult: int,
     ):
         super().__init__()
-        self.res = ResBlock(in_ch, out_ch, emb_dim, norm_groups, dropout)
+        self.res = ResBlock(in_ch, out_ch, emb_dim, norm_groups)
         self.self_attn = SelfAttention(out_ch, head_dim, norm_groups) if self_attend else None
         self.cross_attn = CrossAttention(out_ch, context_dim, head_dim, norm_groups) if cross_attend else None
         self.ff = FeedForward(out_ch, ff_mult, norm_groups) if cross_attend and ff_mult > 0 else None
@@ -75,45 +74,38 @@ class UNetBlock(nn.Module):
         return x
 
 
-# The UNet's options that were measured, rejected and removed (diffusion.config.RETIRED), with their
-# off value: a model exported before the removal holds them off and still loads, silently.
-RETIRED_CONFIG = {path[1]: off for path, off in RETIRED.items() if path[0] == "unet"}
+class TextCondition(NamedTuple):
+    """A batch of prompts as the UNet reads them (`UNet.condition`)."""
+
+    states: torch.Tensor  # (B, T, D) each token's state, told where its object goes where there is a text placer
+    mask: torch.Tensor | None  # (B, T) True on the prompt's tokens
+    pooled: torch.Tensor | None  # (B, D) the end token's state before placement (unet.pooled_text), else None
 
 
 class UNet(ModelMixin, ConfigMixin):
-    """(noisy image (B, C, S, S), timestep (B,), text states (B, T, D), text mask (B, T)) -> (B, C, S, S)."""
+    """(noisy image (B, C, S, S), timestep (B,), text (TextCondition)) -> (B, C, S, S).
 
-    @classmethod
-    def extract_init_dict(cls, config_dict, **kwargs):
-        config_dict = dict(config_dict)
-        for key, off in RETIRED_CONFIG.items():
-            value = config_dict.pop(key, off)
-            if value != off:
-                raise ValueError(
-                    f"the UNet was trained with {key}={value!r}, an option since removed (BENCHMARKS.md, "
-                    "'Tried and not adopted', names the commit that can load it)"
-                )
-        return super().extract_init_dict(config_dict, **kwargs)
+    Its arguments are diffusion.config.UNetConfig's fields, whose defaults are the default model's,
+    plus the image size and the width of the text states."""
 
     @register_to_config
     def __init__(
         self,
-        sample_size: int = 32,
-        in_channels: int = 3,
-        context_dim: int = 128,
-        base_channels: int = 64,
-        channel_mults: tuple[int, ...] = (1, 2, 2),
-        num_res_blocks: int = 2,
-        cross_attention_resolutions: tuple[int, ...] = (16, 8),
-        self_attention_resolutions: tuple[int, ...] = (8,),
-        head_dim: int = 32,
-        norm_groups: int = 8,
-        dropout: float = 0.0,
-        ff_mult: int = 0,
-        pooled_text: bool = False,
-        text_place_layers: int = 0,
-        text_place_width: int = 64,
-        text_place_layouts: int = 1,
+        sample_size: int,
+        context_dim: int,
+        in_channels: int,
+        base_channels: int,
+        channel_mults: tuple[int, ...],
+        num_res_blocks: int,
+        cross_attention_resolutions: tuple[int, ...],
+        self_attention_resolutions: tuple[int, ...],
+        head_dim: int,
+        norm_groups: int,
+        ff_mult: int,
+        pooled_text: bool,
+        text_place_layers: int,
+        text_place_width: int,
+        text_place_layouts: int,
     ):
         super().__init__()
         resolutions = [sample_size // 2**i for i in range(len(channel_mults))]
@@ -138,15 +130,25 @@ class UNet(ModelMixin, ConfigMixin):
         def block(in_ch: int, out_ch: int, res: int) -> UNetBlock:
             return UNetBlock(
                 in_ch, out_ch, emb_dim, context_dim, res in self_attention_resolutions,
-                res in cross_attention_resolutions, head_dim, norm_groups, dropout, ff_mult,
+                res in cross_attention_resolutions, head_dim, norm_groups, ff_mult,
             )
 
-        # Down path: num_res_blocks blocks per level, then a strided conv (not after the last level).
         widths = [base_channels * m for m in channel_mults]
-        skip_widths = [base_channels]
+        ch = self.build_paths(widths, resolutions, num_res_blocks, block)
+        self.norm_out = nn.GroupNorm(norm_groups, ch)
+        self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
+        self.initialize_weights()
+        for name, module in self.named_modules():
+            if isinstance(module, CrossAttention):
+                module.layer_name = name
+
+    def build_paths(self, widths: list[int], resolutions: list[int], num_res_blocks: int, block) -> int:
+        """The down path, the middle and the up path of `block(in, out, resolution)`s; returns the last width."""
+        # Down path: num_res_blocks blocks per level, then a strided conv (not after the last level).
+        ch = self.conv_in.out_channels
+        skip_widths = [ch]
         self.down = nn.ModuleList()
         self.downsample = nn.ModuleList()
-        ch = base_channels
         for level, (width, res) in enumerate(zip(widths, resolutions)):
             blocks = nn.ModuleList()
             for _ in range(num_res_blocks):
@@ -160,8 +162,7 @@ class UNet(ModelMixin, ConfigMixin):
                 skip_widths.append(ch)
 
         # Middle: attention at the lowest resolution, between two residual blocks.
-        low = resolutions[-1]
-        self.mid = nn.ModuleList([block(ch, ch, low), block(ch, ch, -1)])
+        self.mid = nn.ModuleList([block(ch, ch, resolutions[-1]), block(ch, ch, -1)])
 
         # Up path: num_res_blocks + 1 blocks per level, each eating one skip, then nearest upsampling.
         self.up = nn.ModuleList()
@@ -172,15 +173,8 @@ class UNet(ModelMixin, ConfigMixin):
                 blocks.append(block(ch + skip_widths.pop(), widths[level], resolutions[level]))
                 ch = widths[level]
             self.up.append(blocks)
-            first = level == 0
-            self.upsample.append(nn.Identity() if first else nn.Conv2d(ch, ch, 3, padding=1))
-
-        self.norm_out = nn.GroupNorm(norm_groups, ch)
-        self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
-        self.initialize_weights()
-        for name, module in self.named_modules():
-            if isinstance(module, CrossAttention):
-                module.layer_name = name
+            self.upsample.append(nn.Identity() if level == 0 else nn.Conv2d(ch, ch, 3, padding=1))
+        return ch
 
     def initialize_weights(self) -> None:
         """PyTorch defaults everywhere, but every residual branch and the output start at zero,
@@ -213,26 +207,28 @@ class UNet(ModelMixin, ConfigMixin):
         level = {"down": int(index), "mid": levels - 1, "up": levels - 1 - int(index)}[part]
         return self.config.sample_size // 2**level
 
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        context: torch.Tensor,
-        context_mask: torch.Tensor | None = None,
-        recorder: AttentionRecorder | None = None,
-        layout: torch.Tensor | None = None,
+    def condition(
+        self, states: torch.Tensor, mask: torch.Tensor | None, layout: torch.Tensor | None = None,
         centres: torch.Tensor | None = None,
+    ) -> TextCondition:
+        """Text states (B, T, D) and their mask (B, T) -> what the blocks read: the pooled end token and,
+        with a text placer, each token's state told where its object goes in layout `layout` (B,) of the
+        placer's proposals (None: the first); `centres` (B, T, K, 2): the proposals, where the caller has them."""
+        pooled = end_token_states(states, mask) if self.text_mlp is not None else None  # (B, D)
+        if self.placer is not None:
+            states = self.placer(states, mask, layout, centres)  # (B, T, D)
+        return TextCondition(states, mask, pooled)
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, text: TextCondition, recorder: AttentionRecorder | None = None
     ) -> torch.Tensor:
-        """`layout`: (B,) which of the text placer's proposed layouts each image follows (None: the first);
-        `centres`: the placer's proposals (B, T, K, 2) where the caller computed them already (training)."""
         if timestep.ndim == 0:
             timestep = timestep.expand(sample.shape[0])
+        context, context_mask = text.states, text.mask
         # 1. The timestep embedding (plus, if configured, the pooled text) shared by all residual blocks.
         emb = self.time_mlp(timestep_embedding(timestep, self.config.base_channels))  # (B, 4C)
         if self.text_mlp is not None:
-            emb = emb + self.text_mlp(end_token_states(context, context_mask))  # (B, 4C)
-        if self.placer is not None:
-            context = self.placer(context, context_mask, layout, centres)  # (B, T, 2D), each token told where its object goes
+            emb = emb + self.text_mlp(text.pooled)  # (B, 4C)
         # 2. Down path, remembering a skip after every block and downsampling.
         h = self.conv_in(sample)  # (B, C, S, S)
         skips = [h]

@@ -30,7 +30,7 @@ import torch
 
 from diffusion.sampling.loop import Denoise, SamplingHook
 from diffusion.text.prompt_tokens import PromptTokens
-from diffusion.text.relations import stated_relations
+from diffusion.data.relations import stated_relations
 
 UNTIL = 0.15  # the fraction of sampling steps guided: the first ones, where the layout is chosen
 MARGIN = 0.15  # in image widths: how far apart the two sides' centroids must lie

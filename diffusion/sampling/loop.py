@@ -24,7 +24,8 @@ Denoise = Callable[[torch.Tensor, AttentionRecorder], torch.Tensor]
 class SamplingHook:
     """Per-step hooks of `sample`; each method's default does nothing. At step i (timestep t):
     `before_step` may move x_t, `recorder` may ask for the step's attention, `after_step` observes the
-    step's estimate of the clean image."""
+    step's estimate of the clean image. Any object with these three methods is a hook (the maps'
+    AttentionAggregator is one, in a layer below this that does not import it)."""
 
     def before_step(self, i: int, t: int, x: torch.Tensor, denoise: Denoise) -> torch.Tensor:
         return x
@@ -113,20 +114,24 @@ def sample(
         context = torch.cat([context, null_context.expand(b, -1, -1)])
         context_mask = torch.cat([context_mask, null_mask.expand(b, -1)])
     row_layouts = torch.cat([layouts, layouts]) if guided and layouts is not None else layouts  # one per row
+    # The text as the UNet reads it (its placer and pooled text) is made at every step: made once, the
+    # images stay the same bit for bit but the maps move by ~2e-7 (docs/tried.md).
     # Schedulers that add noise in their step (DDPM) draw it from each image's own generator.
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
     # The timesteps as device tensors for the UNet and as host integers for the hooks (read once, not per step).
     for i, (t, t_host) in enumerate(zip(scheduler.timesteps, scheduler.timesteps.tolist())):
         # 0. Hooks may move x_t first (layout guidance), through a conditional pass they can differentiate.
         def denoise(x_t: torch.Tensor, recorder: AttentionRecorder, t=t) -> torch.Tensor:
-            return unet(scheduler.scale_model_input(x_t, t), t.expand(b), text, text_mask, recorder=recorder, layout=layouts)
+            prompts = unet.condition(text, text_mask, layouts)  # (B, T, D): the prompts alone
+            return unet(scheduler.scale_model_input(x_t, t), t.expand(b), prompts, recorder=recorder)
 
         for hook in hooks:
             x = hook.before_step(i, t_host, x, denoise)
         # 1. Model output for the conditional and unconditional rows in one pass.
         recorder = _one_recorder([r for hook in hooks if (r := hook.recorder(i, t_host)) is not None])
         x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-        out = unet(x_in, t.expand(x_in.shape[0]), context, context_mask, recorder=recorder, layout=row_layouts).float()
+        rows = unet.condition(context, context_mask, row_layouts)  # (2B or B, T, D)
+        out = unet(x_in, t.expand(x_in.shape[0]), rows, recorder=recorder).float()
         # 2. Classifier-free guidance.
         if guided:
             cond, uncond = out.chunk(2)  # (B, C, S, S) each

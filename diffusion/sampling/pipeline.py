@@ -5,11 +5,13 @@ usual folder (model_index.json + unet/ + scheduler/ + text_encoder/ + tokenizer/
 
     pipe = TextToImagePipeline.from_run("outputs/runs/cpu")
     out = pipe(["a red circle"], seeds=[0], settings=SamplerSettings(steps=50), return_attention=True)
-    out.images[0].save("red.png"); out.attention[0].words  # ['a', 'red', 'circle']
+    out.images[0].save("red.png"); out.attention[0].tokens.words  # ['a', 'red', 'circle']
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,44 +20,18 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-# Models exported before the sub-packages name `diffusion.unet` in their model_index.json, and
-# diffusers loads a component's class only from a module already imported.
-import diffusion.unet  # noqa: F401
 from diffusion.devices import sampling_autocast, to_host
-from diffusion.errors import UserError
-from diffusion.maps.aggregate import AttentionAggregator, AttentionMaps, MapSettings
+from diffusion.maps.aggregate import AttentionAggregator, AttentionMaps, ImageAttention, MapSettings
 from diffusion.model.unet import UNet
-from diffusion.sampling.layout_guidance import LayoutGuidance, RelationTargets
+from diffusion.runs import CONFIG_FILE, MODEL_INDEX_FILE, ModelLoadError, find_model_dir
+from diffusion.sampling.layout_guidance import UNTIL, LayoutGuidance, RelationTargets
 from diffusion.sampling.loop import OnStep, SamplingHook, sample, seed_layouts
 from diffusion.sampling.schedulers import make_sampling_scheduler
 from diffusion.sampling.settings import SamplerSettings
 from diffusion.text.encoder import TextEncoder
-from diffusion.text.prompt_tokens import PromptTokens, prompt_tokens
+from diffusion.text.prompt_tokens import prompt_tokens
 
-
-class ModelLoadError(UserError, OSError):
-    """A --model folder that is neither a run folder nor an exported model."""
-
-
-@dataclass
-class ImageAttention:
-    """The maps of one image: arrays (T, S, S) over its kept tokens, plus the token -> word key."""
-
-    tokens: PromptTokens
-    global_map: torch.Tensor  # (T, S, S)
-    layers: dict[str, torch.Tensor]  # layer name -> (T, S, S)
-    snapshots: dict[int, torch.Tensor]  # step index -> (T, S, S)
-    snapshot_images: dict[int, Image.Image]  # step index -> the step's estimate of the clean image
-    steps_aggregated: list[int]
-    layer_resolutions: dict[str, int]
-    settings: MapSettings
-
-    def word_maps(self, maps: torch.Tensor | None = None) -> torch.Tensor:
-        """(W, S, S): each word's map, the mean of its tokens' maps."""
-        maps = self.global_map if maps is None else maps
-        if not self.tokens.words:
-            return maps.new_zeros((0, *maps.shape[1:]))
-        return torch.stack([maps[self.tokens.token_indices(w)].mean(0) for w in range(len(self.tokens.words))])
+OLD_UNET_MODULE = "diffusion.unet"  # the UNet's module in exports made before the package had sub-packages (removed)
 
 
 @dataclass
@@ -70,21 +46,18 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in pixels]
 
 
-def find_model_dir(path: str | Path) -> Path:
-    """A run folder (holding model/) or an exported model folder itself."""
-    path = Path(path)
-    for candidate in (path / "model", path):
-        if (candidate / "model_index.json").is_file():
-            return candidate
-    if (path / "checkpoints").is_dir():
+def check_not_retired(folder: Path) -> None:
+    """Refuse, by name, an export whose model_index.json names the UNet module this package no longer has."""
+    try:
+        module = json.loads((folder / MODEL_INDEX_FILE).read_text())["unet"][0]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return  # a damaged index: from_pretrained says what it lacks
+    if module == OLD_UNET_MODULE:
         raise ModelLoadError(
-            f"{path} is a run folder without an exported model (training has not finished). Finish or resume it "
-            f"with: python train.py --output-dir {path} --resume latest"
+            f"{folder} was exported before the package had sub-packages (its {MODEL_INDEX_FILE} names the removed "
+            f"module {OLD_UNET_MODULE}) and cannot be loaded; re-make it by training: "
+            f"python train.py --config {folder / CONFIG_FILE}"
         )
-    raise ModelLoadError(
-        f"{path} is not a run folder or an exported model: expected {path}/model/model_index.json or "
-        f"{path}/model_index.json. Pass --model the folder that train.py wrote (outputs/runs/<name>)."
-    )
 
 
 class TextToImagePipeline(DiffusionPipeline):
@@ -97,6 +70,7 @@ class TextToImagePipeline(DiffusionPipeline):
     def from_run(cls, path: str | Path, device: str | torch.device = "cpu") -> TextToImagePipeline:
         """Load from a run folder or an exported model (what train.py writes)."""
         folder = find_model_dir(path)
+        check_not_retired(folder)
         try:
             pipe = cls.from_pretrained(folder)
         except (OSError, ValueError) as error:
@@ -126,6 +100,12 @@ class TextToImagePipeline(DiffusionPipeline):
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder.encode(prompts)
 
+    def layout_guidance(self, prompts: list[str], strength: float, num_steps: int, until: float = UNTIL) -> LayoutGuidance:
+        """The hook that moves x_t at the first `until` of `num_steps` steps until the prompts' stated relations hold."""
+        max_length = self.encoder.max_length
+        tokens = [prompt_tokens(self.tokenizer, p, max_length) for p in prompts]
+        return LayoutGuidance(RelationTargets(tokens, max_length), strength=strength, num_steps=num_steps, until=until)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -136,9 +116,11 @@ class TextToImagePipeline(DiffusionPipeline):
         return_attention: bool = False,
         map_settings: MapSettings | None = None,
         callback=None,
+        hooks: Sequence[SamplingHook] = (),
     ) -> PipelineOutput:
         """One image per (prompt, seed) pair, all in one batch, sampled as `settings` says (its
-        scheduler shares the trained noise schedule). `callback(i, t)` runs after every step."""
+        scheduler shares the trained noise schedule). `callback(i, t)` runs after every step; `hooks`
+        are the caller's own sampling hooks (diffusion.sampling.loop), run after layout guidance."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
         # Prompts and the negative (or empty) prompt in one pass of the text encoder.
@@ -146,11 +128,9 @@ class TextToImagePipeline(DiffusionPipeline):
         context, mask = states[:-1], masks[:-1]  # (B, T, D), (B, T)
         null_context, null_mask = states[-1:], masks[-1:]  # (1, T, D), (1, T)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        hooks: list[SamplingHook] = []
+        hooks = list(hooks)
         if settings.layout_guidance > 0:
-            tokens = [prompt_tokens(self.tokenizer, p, self.encoder.max_length) for p in prompts]
-            targets = RelationTargets(tokens, context.shape[1])
-            hooks.append(LayoutGuidance(targets, strength=settings.layout_guidance, num_steps=settings.steps))
+            hooks.insert(0, self.layout_guidance(prompts, settings.layout_guidance, settings.steps))
         aggregator = None
         if return_attention:
             aggregator = AttentionAggregator(len(prompts), self.unet.config.sample_size, map_settings)

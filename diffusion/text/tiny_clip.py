@@ -25,7 +25,6 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
-from diffusion.config import TinyClipConfig
 from diffusion.data.folder import CaptionedImageFolder
 from diffusion.files import atomic_dir
 from diffusion.text.tokenizer import train_clip_tokenizer
@@ -34,6 +33,35 @@ INFO_FILE = "tiny_clip_info.json"
 MAX_LOGIT_SCALE = math.log(100.0)  # OpenAI's CLIP clamps the learned temperature at 100
 ADAM_BETAS = (0.9, 0.98)  # CLIP's choice for contrastive training
 ADAM_EPS = 1e-6
+WEIGHT_DECAY = 0.1  # on weight matrices only, as CLIP's training does
+
+
+@dataclass
+class TinyClipConfig:
+    """Architecture and training of the tiny CLIP; plain types so YAML can fill it."""
+
+    # Tokenizer and text tower.
+    vocab_size: int = 1024
+    max_length: int = 32  # tokens, including <|startoftext|> and <|endoftext|>
+    text_width: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    text_mlp_width: int = 512
+    # Vision tower: a small ViT.
+    image_size: int = 32
+    patch_size: int = 8  # a 4x4 grid of 8 px patches: ~4x cheaper per step than 4 px patches
+    vision_width: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vision_mlp_width: int = 512
+    projection_dim: int = 128
+    # Training.
+    steps: int = 450  # ~6 epochs of 20k pairs: ~3 min on 2 CPU cores
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    seed: int = 0
+    retrieval_pairs: int = 100  # held-out pairs with distinct captions for the retrieval metric
 
 
 @dataclass
@@ -122,7 +150,7 @@ def make_optimizer(model: nn.Module, cfg: TinyClipConfig) -> torch.optim.Optimiz
     """AdamW; weight decay on weight matrices only, not on biases, LayerNorm gains or the temperature."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
 
 

@@ -87,7 +87,7 @@ class TrainingBatches:
             tables["objects"] = token_objects([s[0] for s in sets], dataset.word_objects)  # (N, T)
             if self.hflip:
                 tables["flipped_objects"] = token_objects([swap_left_right(s[0]) for s in sets], dataset.word_objects)
-            self.num_objects, self.coverage = dataset.num_objects, t.grounding_coverage
+            self.num_objects = dataset.num_objects
         self.store = table_device(sum(v.nbytes for v in tables.values()), device)
         self.tables = {name: table.to(self.store) for name, table in tables.items()}
         self.several = bool(tables["counts"].max() > 1)  # once: does any row have several captions to draw from?
@@ -118,7 +118,7 @@ class TrainingBatches:
         if not self.grounding:
             return images, caption_rows, None
         objects = objects.masked_fill(dropped[:, None], 0)  # (B, T)
-        return images, caption_rows, Grounding(objects, masks, self.num_objects, self.coverage)
+        return images, caption_rows, Grounding(objects, masks, self.num_objects)
 
     def on_device(self, part: torch.Tensor) -> torch.Tensor:
         """A batch's slice of a table on the training device (a copy from pinned memory where the tables stay on the host)."""

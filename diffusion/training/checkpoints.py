@@ -21,6 +21,7 @@ from safetensors import safe_open
 from diffusion.config import Config, save_config
 from diffusion.errors import UserError
 from diffusion.files import commit_dir, staging_dir
+from diffusion.runs import CHECKPOINTS_DIR, CONFIG_FILE
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "training_state.json"
@@ -66,7 +67,7 @@ def damage(checkpoint: Path) -> str | None:
 def resolve_resume(run_dir: Path, resume: str) -> Path:
     """`--resume latest` -> the newest complete, readable checkpoint (saying which newer ones are damaged);
     `--resume <checkpoint folder>` -> that folder, if it is whole."""
-    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    checkpoints = list_checkpoints(run_dir / CHECKPOINTS_DIR)
     if resume == "latest":
         if not checkpoints:
             raise CheckpointError(
@@ -113,17 +114,17 @@ def prune_checkpoints(checkpoint_root: Path, keep: int) -> None:
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, cfg: Config, state: dict) -> None:
     """checkpoints/checkpoint-<step>: accelerate's state of every process, the config and `state`
     (step, micro_step, context_dim); whole or not at all. Old ones beyond keep_checkpoints go."""
-    final = run_dir / "checkpoints" / f"checkpoint-{state['step']:06d}"
+    final = run_dir / CHECKPOINTS_DIR / f"checkpoint-{state['step']:06d}"
     main = accelerator.is_main_process
     tmp = staging_dir(final) if main else final.parent / f".{final.name}.partial"
     accelerator.wait_for_everyone()  # every process writes its random state into tmp
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if main:
-        save_config(cfg, tmp / "config.yaml")
+        save_config(cfg, tmp / CONFIG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
         commit_dir(tmp, final)
-        prune_checkpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints)
+        prune_checkpoints(run_dir / CHECKPOINTS_DIR, cfg.train.keep_checkpoints)
     accelerator.wait_for_everyone()
 
 

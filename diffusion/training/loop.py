@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,19 +23,43 @@ from diffusers.training_utils import EMAModel
 from diffusion.config import Config, TrainConfig
 from diffusion.devices import DeviceError, use_device
 from diffusion.model.unet import UNet
+from diffusion.runs import CHECKPOINTS_DIR, CONFIG_FILE
 from diffusion.training.batches import TrainingBatches
 from diffusion.training.checkpoints import list_checkpoints, load_checkpoint, restore_onto_device, save_checkpoint
 from diffusion.training.ema import ema_weights
 from diffusion.training.export import export_model
 from diffusion.training.interrupt import StopOnInterrupt
-from diffusion.training.objective import LossTerms, diffusion_loss, make_noise_scheduler
+from diffusion.training.objective import LossTerms, Objective
 from diffusion.training.progress import LogWindow, TrainingProgress
 from diffusion.training.run_folder import open_run_dir, setup_logging, shared_run_dir
-from diffusion.training.setup import TrainingError, build_unet, check_can_start, prepare_training_data, resolve_precision
+from diffusion.training.setup import (
+    TrainingData, TrainingError, build_unet, check_can_start, prepare_training_data, resolve_precision, settle_config,
+)
 from diffusion.training.text_states import FrozenText, TunedText
-from diffusion.training.validation import own_validation_prompts, validate
+from diffusion.training.validation import validate
 
 logger = logging.getLogger("diffusion")
+
+# AdamW's second-moment decay: 0.99 rather than 0.999 follows the gradients' scale faster in a short
+# run (as EDM2 does); no weight decay: a model trained for minutes has no time to overfit.
+ADAM_BETAS = (0.9, 0.99)
+WEIGHT_DECAY = 0.0
+
+
+@dataclass
+class Session:
+    """What the loop steps: the prepared models and optimizer, their averages, the objective, the batches."""
+
+    accelerator: Accelerator
+    unet: torch.nn.Module  # as accelerate prepared it
+    text: FrozenText
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    ema: EMAModel
+    averaged: list  # (EMA, module) pairs of everything trained; averaged[0][1] is the UNet itself
+    objective: Objective
+    trained_models: tuple[torch.nn.Module, ...]
+    trained_parameters: list[torch.nn.Parameter]
 
 
 def train(
@@ -42,112 +67,119 @@ def train(
 ) -> Path:
     """Train `cfg` on `device` (auto: the GPU where there is one; cpu; cuda) and return the run folder
     (which holds the exported model under model/)."""
-    t = cfg.train
     # 1. Device, checks, accelerator, the run folder's name (decided on the main process and shared).
     chosen = use_device(device)
     if chosen.index is not None:
         raise DeviceError(f"--device {device}: choose the GPU with CUDA_VISIBLE_DEVICES={chosen.index} and --device cuda")
     check_can_start(cfg, chosen)
-    precision, why = resolve_precision(t.mixed_precision, chosen)
+    precision, why = resolve_precision(cfg.train.mixed_precision, chosen)
     accelerator = Accelerator(
         # On the CPU by choice, or for want of a GPU: several processes (torchrun, `accelerate launch
         # --multi_gpu`) then train over gloo, the backend accelerate takes when told the device is the CPU.
         cpu=chosen.type == "cpu",
-        mixed_precision=precision, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        mixed_precision=precision, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with="tensorboard", project_config=ProjectConfiguration(project_dir="."),
     )
     main = accelerator.is_main_process
     setup_logging(main)
     run_dir = shared_run_dir(cfg, output_dir, resume, accelerator)
 
-    # 2. Data and text encoder (cached after first use), then the run folder: a failed start leaves none.
+    # 2. Data and text encoder (cached after first use), the config as this run trains it, then the run
+    # folder: a failed start leaves none.
     data = prepare_training_data(cfg, accelerator, progress and main)
+    t = cfg.train
     if t.text_encoder_lr > 0:
-        text = TunedText(data.encoder, data.captions, t.text_encoder_lr, t.ema_decay, t.ema_warmup)
+        text = TunedText(data.encoder, data.captions, t.text_encoder_lr, t.ema_decay)
     else:
         text = FrozenText(data.encoder, data.captions, progress and main)
-    own_prompts = own_validation_prompts(cfg, data.dataset.captions)
-    if own_prompts is not None:
-        t.validation_prompts = own_prompts  # saved with the config, so the run records what it sampled
-    without_placer = data.token_objects is None and cfg.unet.text_place_layers > 0
-    if without_placer:
-        cfg.unet.text_place_layers = 0  # saved with the config: the model is built and rebuilt without one
+    cfg, notes = settle_config(cfg, data)
+    t = cfg.train
     open_run_dir(run_dir, cfg, accelerator)
     logger.info("run folder: %s (%d process(es), device %s)", run_dir, accelerator.num_processes, accelerator.device)
     logger.info("mixed precision: %s (train.mixed_precision=%s: %s)", precision, t.mixed_precision, why)
     logger.info("dataset: %d images, %d distinct captions from %s (%s)", len(data.dataset), len(set(data.captions)),
                 data.train_dir, data.dataset.storage)
-    if own_prompts is not None:
-        logger.info("validation prompts: %s (six of the dataset's own captions; set train.validation_prompts to choose)", own_prompts)
-    if without_placer:
-        logger.info("training without the text placer: it learns where objects go from their masks (train.grounding_weight > 0 and a dataset with masks)")
-    if t.grounding_weight > 0 and data.token_objects is None:
-        logger.info("no row of the dataset has mask_file and word_objects: training without the grounding loss")
+    for note in notes:
+        logger.info(note)
 
-    # 3. Model, EMA, optimizer and learning-rate schedule; identical on every process.
-    set_seed(t.seed)
-    unet = build_unet(cfg, data.encoder.width)
-    logger.info("UNet: %.2fM parameters; %s", sum(p.numel() for p in unet.parameters()) / 1e6, text.describe())
-    ema = EMAModel(
-        unet.parameters(), decay=t.ema_decay, use_ema_warmup=t.ema_warmup, power=3 / 4, foreach=True,
-        model_cls=UNet, model_config=unet.config,
-    )
-    optimizer = torch.optim.AdamW(
-        [{"params": list(unet.parameters())}, *text.parameter_groups()],
-        lr=t.learning_rate, betas=(0.9, t.adam_beta2), weight_decay=t.weight_decay,
-        fused=accelerator.device.type == "cuda",  # one kernel per step for all parameters (the CPU keeps foreach)
-    )
-    lr_schedule = make_lr_schedule(optimizer, t)
-    unet, *text_modules, optimizer = accelerator.prepare(unet, *text.to_prepare(), optimizer)
-    text.prepared(tuple(text_modules), accelerator)
-    accelerator.register_for_checkpointing(lr_schedule, ema, *text.checkpointed)
-    trained_models = (unet, *text.trained)
-    trained_parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    noise_scheduler = make_noise_scheduler(cfg.noise)
-    averaged = [(ema, accelerator.unwrap_model(unet)), *text.averages]  # the EMA weights of what is trained
-    averages = [average for average, _ in averaged]
-    restore_onto_device(averages, accelerator.device)
-
-    # 4. Resume, or start from step 0 with a per-process noise stream.
+    # 3. Model, averages, optimizer, schedule and objective; then resume, or start from step 0.
+    session = start_session(cfg, data, text, accelerator)
     step = 0
     if resume is not None:
+        averages = [average for average, _ in session.averaged]
         state = load_checkpoint(accelerator, run_dir, resume, cfg, data.encoder.width, averages)
         step = state["step"]
         logger.info("resumed from %s at step %d", state["checkpoint"], step)
     else:
-        torch.manual_seed(t.seed + 7919 * (accelerator.process_index + 1))
+        torch.manual_seed(t.seed + 7919 * (accelerator.process_index + 1))  # a noise stream per process
     batches = TrainingBatches(data.dataset, text.states, data.token_objects, t, accelerator.device,
                               accelerator.process_index, accelerator.num_processes)
 
-    def checkpoint() -> None:
-        state = {"step": step, "micro_step": micro_step, "context_dim": data.encoder.width}
-        save_checkpoint(accelerator, run_dir, cfg, state)
+    # 4. The loop, then the export of the EMA weights with everything the sampler needs.
+    step, stopped = run_steps(session, batches, cfg, run_dir, data, step, progress and main)
+    if not stopped:
+        export(session, cfg, run_dir, data, step)
+    accelerator.end_training()
+    return run_dir
 
-    # 5. The loop: one optimizer update per `gradient_accumulation_steps` micro-batches.
+
+def start_session(cfg: Config, data: TrainingData, text: FrozenText, accelerator: Accelerator) -> Session:
+    """The UNet, its EMA, the optimizer and learning-rate schedule, prepared by accelerate; identical on every process."""
+    t = cfg.train
+    set_seed(t.seed)
+    unet = build_unet(cfg, data.encoder.width)
+    logger.info("UNet: %.2fM parameters; %s", sum(p.numel() for p in unet.parameters()) / 1e6, text.describe())
+    ema = EMAModel(
+        unet.parameters(), decay=t.ema_decay, use_ema_warmup=True, power=3 / 4, foreach=True,  # warmup: 1 - (1 + step)^-3/4
+        model_cls=UNet, model_config=unet.config,
+    )
+    optimizer = torch.optim.AdamW(
+        [{"params": list(unet.parameters())}, *text.parameter_groups()],
+        lr=t.learning_rate, betas=ADAM_BETAS, weight_decay=WEIGHT_DECAY,
+        fused=accelerator.device.type == "cuda",  # one kernel per step for all parameters (the CPU keeps foreach)
+    )
+    lr_schedule = make_lr_schedule(optimizer, t)
+    prepared, *text_modules, optimizer = accelerator.prepare(unet, *text.to_prepare(), optimizer)
+    text.prepared(tuple(text_modules), accelerator)
+    accelerator.register_for_checkpointing(lr_schedule, ema, *text.checkpointed)
+    model = accelerator.unwrap_model(prepared)
+    averaged = [(ema, model), *text.averages]  # the EMA weights of what is trained
+    restore_onto_device([average for average, _ in averaged], accelerator.device)
+    return Session(
+        accelerator, prepared, text, optimizer, lr_schedule, ema, averaged,
+        objective=Objective(t, model, accelerator.autocast),  # the conditioning computes in the forward's precision
+        trained_models=(prepared, *text.trained),
+        trained_parameters=[p for group in optimizer.param_groups for p in group["params"]],
+    )
+
+
+def run_steps(
+    s: Session, batches: TrainingBatches, cfg: Config, run_dir: Path, data: TrainingData, step: int, progress: bool
+) -> tuple[int, bool]:
+    """Step until max_steps, max_minutes or Ctrl-C: one optimizer update per `gradient_accumulation_steps`
+    micro-batches. Returns the last step and whether Ctrl-C stopped the run (its checkpoint is written)."""
+    t, accelerator = cfg.train, s.accelerator
     micro_step = step * t.gradient_accumulation_steps
-    bar = TrainingProgress(step, t.max_steps, t.max_minutes, enabled=progress and main)
+    bar = TrainingProgress(step, t.max_steps, t.max_minutes, enabled=progress)
     started, window, logged_at = time.monotonic(), LogWindow(), step
     with StopOnInterrupt() as interrupt:
         while step < t.max_steps:
             images, caption_rows, grounding = batches(micro_step)  # on the device, as every table they come from
-            with accelerator.accumulate(*trained_models):
-                context, context_mask = text.states.lookup(caption_rows)  # (B, T, D), (B, T)
-                terms = diffusion_loss(unet, noise_scheduler, images, context, context_mask, t.min_snr_gamma, grounding)
-                loss = terms.diffusion if terms.grounding is None else terms.diffusion + t.grounding_weight * terms.grounding
-                if terms.place is not None:
-                    loss = loss + t.place_weight * terms.place
-                accelerator.backward(loss)
+            with accelerator.accumulate(*s.trained_models):
+                states, mask = s.text.states.lookup(caption_rows)  # (B, T, D), (B, T)
+                terms = s.objective(s.unet, images, states, mask, grounding)
+                accelerator.backward(terms.total)
                 if accelerator.sync_gradients and t.grad_clip > 0:
-                    accelerator.clip_grad_norm_(trained_parameters, t.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                    accelerator.clip_grad_norm_(s.trained_parameters, t.grad_clip)
+                s.optimizer.step()
+                s.optimizer.zero_grad(set_to_none=True)
             micro_step += 1
             window.add(len(images) * accelerator.num_processes, logged_terms(terms))  # kept on the device
             if not accelerator.sync_gradients:
                 continue
-            lr_schedule.step()
-            ema.step(unet.parameters())
-            text.ema_step()
+            s.lr_schedule.step()
+            s.ema.step(s.unet.parameters())
+            s.text.ema_step()
             step += 1
             bar.update(step)
 
@@ -155,14 +187,15 @@ def train(
             out_of_time = t.max_minutes > 0 and time.monotonic() - started > 60 * t.max_minutes
             stop = interrupt.requested(accelerator, every=t.log_every, step=step)
             log_due = step % t.log_every == 0 or step == t.max_steps
-            checkpoint_due = step % t.checkpoint_every == 0 or step == t.max_steps or out_of_time
-            validate_due = main and t.validate_every > 0 and (step % t.validate_every == 0 or step == t.max_steps or out_of_time)
-            if log_due or checkpoint_due or validate_due or stop:
+            checkpoint_due = step % t.checkpoint_every == 0 or step == t.max_steps or out_of_time or stop
+            validate_due = (accelerator.is_main_process and t.validate_every > 0 and not stop
+                            and (step % t.validate_every == 0 or step == t.max_steps or out_of_time))
+            if log_due or checkpoint_due or validate_due:
                 means = window.means()
                 if not all(math.isfinite(value) for value in means.values()):
                     raise diverged(means, logged_at, step, run_dir)  # before a checkpoint could keep the broken weights
             if log_due:
-                scalars = window.scalars(means, lr_schedule.get_last_lr()[0])
+                scalars = window.scalars(means, s.lr_schedule.get_last_lr()[0])
                 accelerator.log(scalars, step=step)
                 bar.update(step, scalars["images_per_sec"], scalars["loss"])
                 logger.info(LogWindow.line(step, scalars))
@@ -171,40 +204,42 @@ def train(
                 logger.info("train.max_minutes=%g reached at step %d", t.max_minutes, step)
             if stop:
                 bar.close()
-                checkpoint()
+            if checkpoint_due:
+                state = {"step": step, "micro_step": micro_step, "context_dim": data.encoder.width}
+                save_checkpoint(accelerator, run_dir, cfg, state)
+            if stop:
                 logger.info(
                     "stopped by Ctrl-C at step %d; checkpoint written. Continue with: python train.py --config %s "
-                    "--output-dir %s --resume latest", step, run_dir / "config.yaml", run_dir,
+                    "--output-dir %s --resume latest", step, run_dir / CONFIG_FILE, run_dir,
                 )
-                accelerator.end_training()
-                return run_dir
-            if checkpoint_due:
-                checkpoint()
+                return step, True
             if validate_due:
-                with ema_weights(averaged):
-                    validate(run_dir, step, averaged[0][1], data.encoder, noise_scheduler.config, t, accelerator)
+                with ema_weights(s.averaged):
+                    validate(run_dir, step, s.averaged[0][1], data.encoder, s.objective.scheduler.config, t, accelerator)
             if out_of_time:
                 break
     bar.close()
+    return step, False
 
-    # 6. Export the EMA weights with everything the sampler needs.
+
+def export(s: Session, cfg: Config, run_dir: Path, data: TrainingData, step: int) -> None:
+    """Write run_dir/model from the EMA weights (main process), after checking that every process holds the same."""
+    accelerator = s.accelerator
     accelerator.wait_for_everyone()
-    checksums = torch.cat([parameter_checksum(model) for model in trained_models])  # (parameters,)
+    checksums = torch.cat([parameter_checksum(model) for model in s.trained_models])  # (parameters,)
     checksums = accelerator.gather(checksums[None]).cpu()  # (processes, parameters)
     replicas_identical = bool((checksums == checksums[0]).all())
     if not replicas_identical:
         logger.warning("the %d processes ended with different weights", accelerator.num_processes)
-    if main:
+    if accelerator.is_main_process:
         info = {
-            "step": step, "train_dir": str(data.train_dir), "text_encoder_source": data.encoder_source, "text_encoder_tuned": text.tuned,
-            "processes": accelerator.num_processes, "replicas_identical": replicas_identical,
+            "step": step, "train_dir": str(data.train_dir), "text_encoder_source": data.encoder_source,
+            "text_encoder_tuned": s.text.tuned, "processes": accelerator.num_processes, "replicas_identical": replicas_identical,
         }
-        with ema_weights(averaged):
-            export_dir = export_model(run_dir, cfg, averaged[0][1], data.encoder, noise_scheduler.config, info)
+        with ema_weights(s.averaged):
+            export_dir = export_model(run_dir, cfg, s.averaged[0][1], data.encoder, s.objective.scheduler.config, info)
         logger.info("exported the EMA model to %s; sample with: python sample.py --model %s --prompt ...", export_dir, run_dir)
     accelerator.wait_for_everyone()  # every process tears the process group down together, after the export
-    accelerator.end_training()
-    return run_dir
 
 
 def make_lr_schedule(optimizer: torch.optim.Optimizer, t: TrainConfig):
@@ -222,7 +257,7 @@ def logged_terms(terms: LossTerms) -> dict[str, torch.Tensor]:
 def diverged(means: dict[str, float], logged_at: int, step: int, run_dir: Path) -> TrainingError:
     """The error of a loss that became non-finite after step `logged_at`, at step `step` at the latest."""
     bad = ", ".join(f"{name} {value}" for name, value in means.items() if not math.isfinite(value))
-    last = list_checkpoints(run_dir / "checkpoints")
+    last = list_checkpoints(run_dir / CHECKPOINTS_DIR)
     if last:
         kept = (f"the last good checkpoint is {last[-1][1]} (this folder keeps it and the run's train.log). To start again, "
                 "use another --output-dir")

@@ -15,21 +15,12 @@ from pathlib import Path
 
 from diffusion.config import DataConfig, TextEncoderConfig
 from diffusion.data.folder import METADATA_FILE, DatasetError
-from diffusion.files import atomic_dir
+from diffusion.data.shapes import shapes_dir
+from diffusion.files import atomic_dir, config_hash
 
 logger = logging.getLogger(__name__)
 
 TINY_CLIP = "tiny-clip"
-
-
-def config_hash(*parts: dict) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
-
-
-def shapes_dir(data: DataConfig, cache_dir: Path) -> Path:
-    from diffusion.data.shapes import FORMAT_VERSION
-
-    return Path(cache_dir) / "datasets" / f"shapes-{config_hash(asdict(data.shapes), {'format': FORMAT_VERSION})}"
 
 
 def prepare_dataset(data: DataConfig, cache_dir: Path, progress: bool = True) -> tuple[Path, Path | None]:
@@ -41,7 +32,7 @@ def prepare_dataset(data: DataConfig, cache_dir: Path, progress: bool = True) ->
                 raise DatasetError(f"{data.dataset} has a test split already ({test}); drop data.test_fraction")
             return split_folder(train, data.test_fraction, cache_dir)
         return train, test
-    out = shapes_dir(data, cache_dir)
+    out = shapes_dir(data.shapes, cache_dir)
     if (out / "dataset_info.json").is_file():
         logger.info("using the cached shapes dataset at %s", out)
     else:

@@ -1,4 +1,4 @@
-"""The run folder: its name, its log, its config, its TensorBoard scalars.
+"""The run folder: its name, its log, its config, its TensorBoard scalars (its file names: diffusion.runs).
 
     outputs/runs/<name>/
         config.yaml    the resolved config          train.log     the log
@@ -18,13 +18,14 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from diffusion.config import Config, save_config
+from diffusion.runs import CHECKPOINTS_DIR, CONFIG_FILE, MODEL_DIR
 from diffusion.training.setup import TrainingError
 
 logger = logging.getLogger("diffusion")
 
 
 def holds_run(folder: Path) -> bool:
-    return folder.is_dir() and any((folder / name).exists() for name in ("checkpoints", "model", "config.yaml"))
+    return folder.is_dir() and any((folder / name).exists() for name in (CHECKPOINTS_DIR, MODEL_DIR, CONFIG_FILE))
 
 
 def choose_run_dir(cfg: Config, output_dir: str | None, resume: str | None) -> Path:
@@ -77,6 +78,6 @@ def open_run_dir(run_dir: Path, cfg: Config, accelerator: Accelerator) -> None:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         log_to_file(run_dir)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / CONFIG_FILE)
         accelerator.init_trackers(str(run_dir / "tensorboard"))
     accelerator.wait_for_everyone()

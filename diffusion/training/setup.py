@@ -3,7 +3,7 @@ the mixed precision the hardware can run, and the data and text encoder, prepare
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from diffusion.model.unet import UNet
 from diffusion.text.encoder import TextEncoder, TextEncoderLoadError, load_error_message
 from diffusion.training.grounding import TokenObjectTable
 from diffusion.training.prepare import TINY_CLIP, prepare_dataset, prepare_text_encoder
+from diffusion.training.validation import own_validation_prompts
 
 
 class TrainingError(UserError, RuntimeError):
@@ -116,3 +117,22 @@ def prepare_training_data(cfg: Config, accelerator: Accelerator, progress: bool)
         captions += [swap_left_right(c) for c in captions]
     token_objects = TokenObjectTable(encoder.tokenizer, encoder.max_length) if grounded else None
     return TrainingData(dataset, dataset_dirs[0], captions, encoder, source, token_objects)
+
+
+def settle_config(cfg: Config, data: TrainingData) -> tuple[Config, list[str]]:
+    """The config as this run trains it (saved with the run, so the model is rebuilt as trained), and the
+    log lines that say what changed: a dataset of one's own gets six of its own captions as validation
+    prompts, and one without masks trains without the text placer. `cfg` itself is left as it was."""
+    notes = []
+    train, unet = cfg.train, cfg.unet
+    own_prompts = own_validation_prompts(cfg, data.dataset.captions)
+    if own_prompts is not None:
+        train = replace(train, validation_prompts=own_prompts)
+        notes.append(f"validation prompts: {own_prompts} (six of the dataset's own captions; set train.validation_prompts to choose)")
+    if data.token_objects is None and unet.text_place_layers > 0:
+        unet = replace(unet, text_place_layers=0)
+        notes.append("training without the text placer: it learns where objects go from their masks "
+                     "(train.grounding_weight > 0 and a dataset with masks)")
+    if train.grounding_weight > 0 and data.token_objects is None:
+        notes.append("no row of the dataset has mask_file and word_objects: training without the grounding loss")
+    return replace(cfg, train=train, unet=unet), notes

@@ -103,10 +103,10 @@ class TunedText(FrozenText):
 
     tuned = True
 
-    def __init__(self, encoder, captions: list[str], lr: float, ema_decay: float, ema_warmup: bool):
+    def __init__(self, encoder, captions: list[str], lr: float, ema_decay: float):
         self.encoder, self.captions, self.lr = encoder, captions, lr
         encoder.model.requires_grad_(True)
-        self.ema = EMAModel(encoder.model.parameters(), decay=ema_decay, use_ema_warmup=ema_warmup, power=3 / 4, foreach=True)
+        self.ema = EMAModel(encoder.model.parameters(), decay=ema_decay, use_ema_warmup=True, power=3 / 4, foreach=True)
         self.states: TunedTextStates | None = None  # once accelerate has prepared the tower
         self.trained, self.checkpointed, self.averages = (), [self.ema], [(self.ema, encoder.model)]
 

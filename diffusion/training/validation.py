@@ -40,7 +40,7 @@ def validate(
     run_dir: Path, step: int, unet: UNet, encoder: TextEncoder, noise_config: dict, t: TrainConfig, accelerator: Accelerator
 ) -> None:
     """Sample the validation prompts (seed 0) with the weights `unet` and `encoder` hold now."""
-    settings = SamplerSettings(steps=t.validation_steps, guidance=t.validation_guidance)
+    settings = SamplerSettings(steps=t.validation_steps)  # the sampler's defaults otherwise: what sample.py gives
     pipe = TextToImagePipeline(
         unet, make_sampling_scheduler(settings.scheduler, noise_config), encoder.model, encoder.tokenizer
     )

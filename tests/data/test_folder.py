@@ -10,7 +10,7 @@ from PIL import Image
 
 from diffusion.data.folder import CaptionedImageFolder, DatasetError, swap_left_right
 from diffusion.data.shapes import generate_shapes
-from diffusion.config import ShapesConfig
+from diffusion.data.vocabulary import ShapesConfig
 
 WIDTH, HEIGHT = 40, 50
 
@@ -246,3 +246,26 @@ def test_a_large_set_is_decoded_into_a_mapped_file_not_memory(folder, tmp_path, 
     assert spilled.storage.startswith(f"decoded into a file in {tmp_path / 'spill'} mapped into memory")
     assert torch.equal(spilled.images, in_memory.images) and torch.equal(spilled.batch(torch.tensor([2])).pixels, in_memory.batch(torch.tensor([2])).pixels)
     assert list((tmp_path / "spill").iterdir()) == []  # an unnamed file: nothing is left behind
+
+
+def test_a_mask_loads_as_object_ids_or_as_grey_levels_resized_like_the_images(tmp_path):
+    from diffusion.data.folder import BadRow, load_mask
+
+    ids = np.zeros((8, 8), dtype=np.uint8)
+    ids[:4, :4], ids[4:, 4:] = 1, 2  # object 1 top left, object 2 bottom right
+    palette = Image.fromarray(ids, mode="P")
+    palette.putpalette([0, 0, 0, 255, 255, 255, 40, 40, 40] + [0] * 759)  # what a viewer shows: black, white, dark grey
+    palette.save(tmp_path / "objects.png")
+    quadrants = ids[::2, ::2]  # (4, 4): each object's quadrant
+    assert np.array_equal(load_mask(tmp_path / "objects.png", 4), quadrants)  # the palette indices: object ids
+    assert np.array_equal(load_mask(tmp_path / "objects.png", 4, grey=True), np.choose(quadrants, [0, 255, 40]))
+    # A picture of any mode (a user's --masks file) as its grey levels; a mask of object ids must be 8-bit.
+    Image.fromarray(np.stack([ids * 100] * 3, axis=-1)).save(tmp_path / "rgb.png")
+    assert np.array_equal(load_mask(tmp_path / "rgb.png", 16, grey=True), np.kron(ids * 100, np.ones((2, 2), dtype=np.uint8)))
+    with pytest.raises(BadRow, match="mode RGB; save it as 8-bit greyscale"):
+        load_mask(tmp_path / "rgb.png", 16)
+    # Not square: the shorter side to `size`, then the centre square, as the images.
+    wide = np.zeros((4, 8), dtype=np.uint8)
+    wide[:, 2:6] = 255
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    assert np.array_equal(load_mask(tmp_path / "wide.png", 4, grey=True), np.full((4, 4), 255))

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion.config import ShapesConfig
-from diffusion.data.shapes import SceneObject, generate_shapes, render_scene
+from diffusion.data.vocabulary import ShapesConfig
+from diffusion.data.scenes import SceneObject
+from diffusion.data.shapes import generate_shapes, render_scene
 from diffusion.data.vocabulary import BACKGROUND, PALETTE, SHAPE_NAMES, SIZE_FRACTIONS
 
 SMALL = dict(num_train=300, num_test=200, image_size=32)
@@ -199,3 +200,15 @@ def test_a_held_out_relation_holds_out_the_scene_in_both_phrasings(tmp_path):
     assert all(row["held_out"] == bool(stated_patterns(row) & phrasings) for row in test)
     info = json.loads((out / "dataset_info.json").read_text())
     assert info["held_out_relations"] == ["circle above square", "square below circle"]
+
+
+def test_the_prepared_dataset_is_where_shapes_dir_says_and_other_settings_go_elsewhere(cache_dir):
+    from dataclasses import replace
+
+    from diffusion.data.shapes import shapes_dir
+
+    from conftest import tiny_config
+
+    shapes = tiny_config(cache_dir).data.shapes
+    assert (shapes_dir(shapes, cache_dir) / "dataset_info.json").is_file()
+    assert shapes_dir(replace(shapes, seed=1), cache_dir) != shapes_dir(shapes, cache_dir)

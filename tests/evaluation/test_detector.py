@@ -7,9 +7,10 @@ import pytest
 from PIL import Image
 
 from diffusion.evaluation.detector import detect
-from diffusion.data.shapes import SceneObject, generate_shapes, render_scene
+from diffusion.data.scenes import SceneObject
+from diffusion.data.shapes import generate_shapes, render_scene
 from diffusion.data.vocabulary import PALETTE
-from diffusion.config import ShapesConfig
+from diffusion.data.vocabulary import ShapesConfig
 
 NUM_SCENES = 250
 

@@ -6,10 +6,17 @@ import torch
 from diffusion.model.attention import CrossAttention, attention
 from diffusion.model.unet import UNet, end_token_states
 
-TINY = dict(
-    sample_size=16, context_dim=24, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-    cross_attention_resolutions=(16, 8), self_attention_resolutions=(8,), head_dim=8, norm_groups=4,
+from conftest import unet_args
+
+# A tiny UNet with cross-attention only: no pooled text, feed-forward or text placer unless a test asks.
+TINY = unet_args(
+    16, 24, base_channels=16, channel_mults=[1, 2], num_res_blocks=1, cross_attention_resolutions=[16, 8],
+    self_attention_resolutions=[8], head_dim=8, norm_groups=4, ff_mult=0, pooled_text=False, text_place_layers=0,
 )
+
+
+def run(unet, x, t, context, mask, recorder=None):
+    return unet(x, t, unet.condition(context, mask), recorder=recorder)
 
 
 def random_inputs(batch=3, tokens=7, seed=0):
@@ -36,7 +43,7 @@ def trained_like_unet(seed=0, **changes):
 def test_output_shape_and_zero_init():
     unet = UNet(**TINY)
     x, t, context, mask = random_inputs()
-    out = unet(x, t, context, mask)
+    out = run(unet, x, t, context, mask)
     assert out.shape == x.shape
     # The output convolution starts at zero, so the untrained model predicts exactly zero.
     assert torch.count_nonzero(out) == 0
@@ -63,8 +70,8 @@ def test_recording_changes_nothing_and_names_every_layer():
     def recorder(name, probs):
         recorded[name] = probs
 
-    plain = unet(x, t, context, mask)
-    with_maps = unet(x, t, context, mask, recorder=recorder)
+    plain = run(unet, x, t, context, mask)
+    with_maps = run(unet, x, t, context, mask, recorder=recorder)
     torch.testing.assert_close(plain, with_maps, atol=1e-5, rtol=1e-5)
     layers = unet.cross_attention_layers
     assert list(recorded) == list(layers)
@@ -82,7 +89,7 @@ def test_padding_tokens_do_not_affect_output():
     x, t, context, mask = random_inputs()
     changed = context.clone()
     changed[0, 4:] += 100.0  # only the masked positions of row 0
-    torch.testing.assert_close(unet(x, t, context, mask)[0], unet(x, t, changed, mask)[0])
+    torch.testing.assert_close(run(unet, x, t, context, mask)[0], run(unet, x, t, changed, mask)[0])
 
 
 def test_text_conditioning_reaches_the_output():
@@ -90,7 +97,7 @@ def test_text_conditioning_reaches_the_output():
     x, t, context, mask = random_inputs()
     other = context.clone()
     other[2, 0] += 1.0
-    assert not torch.allclose(unet(x, t, context, mask)[2], unet(x, t, other, mask)[2])
+    assert not torch.allclose(run(unet, x, t, context, mask)[2], run(unet, x, t, other, mask)[2])
 
 
 def test_pooled_text_is_the_end_token_state():
@@ -101,9 +108,9 @@ def test_pooled_text_is_the_end_token_state():
     end_changed, first_changed = context.clone(), context.clone()
     end_changed[1, 1] += 1.0  # row 1's end token
     first_changed[1, 0] += 1.0  # row 1's start token
-    base = unet(x, t, context, mask)
-    assert not torch.allclose(base[1], unet(x, t, end_changed, mask)[1])
-    torch.testing.assert_close(base, unet(x, t, first_changed, mask))
+    base = run(unet, x, t, context, mask)
+    assert not torch.allclose(base[1], run(unet, x, t, end_changed, mask)[1])
+    torch.testing.assert_close(base, run(unet, x, t, first_changed, mask))
 
 
 def test_save_load_round_trip(tmp_path):
@@ -113,7 +120,7 @@ def test_save_load_round_trip(tmp_path):
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     loaded = UNet.from_pretrained(tmp_path / "unet").eval()
     x, t, context, mask = random_inputs()
-    torch.testing.assert_close(unet(x, t, context, mask), loaded(x, t, context, mask), atol=0, rtol=0)
+    torch.testing.assert_close(run(unet, x, t, context, mask), run(loaded, x, t, context, mask), atol=0, rtol=0)
     assert loaded.cross_attention_layers == unet.cross_attention_layers
 
 

@@ -57,7 +57,7 @@ def test_a_nudge_lowers_the_relation_loss_and_leaves_prompts_without_relations_a
     t = torch.tensor(900)
 
     def predict(x, capture):
-        return pipe.unet(x, t.expand(len(x)), context, mask, recorder=capture)
+        return pipe.unet(x, t.expand(len(x)), pipe.unet.condition(context, mask), recorder=capture)
 
     def loss_at(x):
         capture = AttentionCapture()
@@ -80,3 +80,17 @@ def test_the_pipeline_guides_only_prompts_with_relations(pipe):
     guided = pipe(prompts, seeds, settings=SamplerSettings(steps=4, layout_guidance=2.0)).images
     assert not np.array_equal(np.asarray(guided[0]), np.asarray(plain[0]))
     assert np.array_equal(np.asarray(guided[1]), np.asarray(plain[1]))
+
+
+def test_a_callers_own_layout_guidance_hook_samples_as_the_pipelines_own(pipe):
+    prompts, seeds = ["a blue square left of a green star", "a red circle"], [0, 1]
+    own = pipe(prompts, seeds, settings=SamplerSettings(steps=4, layout_guidance=2.0)).images
+    plain = SamplerSettings(steps=4, layout_guidance=0.0)
+    hook = pipe.layout_guidance(prompts, strength=2.0, num_steps=4)
+    assert hook.guided_steps == 1  # the first UNTIL of 4 steps
+    callers = pipe(prompts, seeds, settings=plain, hooks=[hook]).images
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(own, callers))
+    # Guiding every step (a sweep's --until 1) moves the image with relations further, and only that one.
+    longer = pipe(prompts, seeds, settings=plain, hooks=[pipe.layout_guidance(prompts, 2.0, 4, until=1.0)]).images
+    assert not np.array_equal(np.asarray(longer[0]), np.asarray(own[0]))
+    assert np.array_equal(np.asarray(longer[1]), np.asarray(own[1]))

@@ -1,6 +1,7 @@
 """Sampling from a trained tiny run: the pipeline, the CLI, and the attention maps saved beside images."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -215,49 +216,24 @@ def test_export_is_a_diffusers_pipeline(finished_run, tmp_path):
     assert np.array_equal(pixels(a), pixels(b))
 
 
-def old_export(finished_run, tmp_path, **unet_config):
-    """A copy of the tiny export as the package wrote it before its sub-packages: model_index.json names
-    `diffusion.unet`, and the configs hold the options since removed, switched off."""
+def copied_export(finished_run, tmp_path):
     import shutil
 
-    import yaml
+    return shutil.copytree(finished_run / "model", tmp_path / "old-model")
 
-    old = tmp_path / "old-model"
-    shutil.copytree(finished_run / "model", old)
+
+def test_a_model_exported_before_the_sub_packages_is_refused_in_one_line(finished_run, tmp_path):
+    from diffusion.runs import ModelLoadError
+
+    old = copied_export(finished_run, tmp_path)
     index = json.loads((old / "model_index.json").read_text())
     assert index["unet"] == ["diffusion.model.unet", "UNet"]  # what an export names today
-    index["unet"] = ["diffusion.unet", "UNet"]
-    (old / "model_index.json").write_text(json.dumps(index))
-    unet = json.loads((old / "unet" / "config.json").read_text())
-    (old / "unet" / "config.json").write_text(json.dumps({**unet, "position_embedding": False, "text_refiner_layers": 0, **unet_config}))
-    config = yaml.safe_load((old / "config.yaml").read_text())
-    config["unet"].update(position_embedding=False, text_refiner_layers=0)
-    config["train"]["grounding_pure_noise_weight"] = 0.0
-    config["text_encoder"]["tiny_clip"]["hard_negative_groups"] = []
-    (old / "config.yaml").write_text(yaml.safe_dump(config))
-    return old
-
-
-def test_a_model_exported_before_the_sub_packages_still_loads_and_samples_the_same(pipe, finished_run, tmp_path, caplog):
-    from diffusion.config import load_config
-
-    old = old_export(finished_run, tmp_path)
-    with caplog.at_level("WARNING"):
-        loaded = TextToImagePipeline.from_run(old)
-    assert "not expected and will be ignored" not in caplog.text  # the retired keys are dropped silently
-    settings = SamplerSettings(steps=3)
-    assert np.array_equal(pixels(loaded(["a red circle"], [0], settings).images[0]), pixels(pipe(["a red circle"], [0], settings).images[0]))
-    assert load_config(old / "config.yaml").unet == load_config(finished_run / "model" / "config.yaml").unet
-
-
-def test_a_model_trained_with_a_removed_option_is_refused_by_name(finished_run, tmp_path):
-    from diffusion.config import ConfigError, load_config
-    from diffusion.sampling.pipeline import ModelLoadError
-
-    with pytest.raises(ModelLoadError, match="position_embedding=True, an option since removed"):
-        TextToImagePipeline.from_run(old_export(finished_run, tmp_path, position_embedding=True))
-    with pytest.raises(ConfigError, match="unet.text_refiner_layers was removed"):
-        load_config(None, ["unet.text_refiner_layers=2"])
+    (old / "model_index.json").write_text(json.dumps({**index, "unet": ["diffusion.unet", "UNet"]}))  # and then
+    with pytest.raises(ModelLoadError, match=re.escape(f"{old} was exported before the package had sub-packages") + ".*re-make it by training"):
+        TextToImagePipeline.from_run(old)
+    result = run_cli("--model", str(old), "--prompt", "a red circle", "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {old} was exported before") and result.stderr.count("\n") == 1
 
 
 def test_the_sampling_loop_reads_only_its_timesteps_and_results_cross_to_the_host_once(pipe):

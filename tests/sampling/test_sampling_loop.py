@@ -8,12 +8,17 @@ from diffusion.maps.aggregate import AttentionAggregator, MapSettings
 from diffusion.model.unet import UNet
 from diffusion.sampling.loop import OnStep, SamplingHook, guide, sample
 
+from conftest import unet_args
+
+# A tiny UNet with cross-attention only (no pooled text, feed-forward or text placer unless asked).
+TINY = dict(base_channels=8, channel_mults=[1, 2], num_res_blocks=1, cross_attention_resolutions=[8, 4],
+            self_attention_resolutions=[], head_dim=8, norm_groups=4, ff_mult=0, pooled_text=False, text_place_layers=0)
+
 
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)
-    model = UNet(sample_size=8, context_dim=16, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
-                 cross_attention_resolutions=(8, 4), self_attention_resolutions=(), head_dim=8, norm_groups=4)
+    model = UNet(**unet_args(8, 16, **TINY))
     with torch.no_grad():  # perturb the zero-initialised outputs so that the text reaches the image
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -116,9 +121,7 @@ def test_each_seed_draws_its_own_layout_and_the_image_follows_it():
     assert set(layouts.tolist()) == {0, 1, 2, 3}  # every proposed layout is drawn
     assert seed_layouts([5, 2], 4).tolist() == [int(seed_layouts([5], 4)[0]), int(seed_layouts([2], 4)[0])]  # per seed, not per batch
     torch.manual_seed(0)
-    placed = UNet(sample_size=8, context_dim=16, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
-                  cross_attention_resolutions=(8, 4), self_attention_resolutions=(), head_dim=8, norm_groups=4,
-                  text_place_layers=1, text_place_width=8, text_place_layouts=2)
+    placed = UNet(**unet_args(8, 16, **{**TINY, "text_place_layers": 1, "text_place_width": 8, "text_place_layouts": 2}))
     with torch.no_grad():
         for p in placed.parameters():
             p.add_(0.1 * torch.randn_like(p))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion.training.grounding import GroundingLoss, token_objects
-from diffusion.training.objective import Grounding, diffusion_loss, make_noise_scheduler
+from diffusion.training.objective import Grounding, Objective
 from diffusion.text.tokenizer import train_clip_tokenizer
 from diffusion.training.setup import build_unet
 from conftest import tiny_config
@@ -78,7 +78,7 @@ def test_loss_pools_masks_to_each_layer_and_averages_layers():
 
 
 def two_object_batch(cache_dir, batch):
-    """A tiny UNet, its noise schedule, and `batch` copies of two white objects on black with their
+    """A tiny UNet, its training objective, and `batch` copies of two white objects on black with their
     masks (B, 16, 16) and random text states (B, 4, 8) whose tokens 1 and 2 name objects 1 and 2."""
     cfg = tiny_config(cache_dir)
     torch.manual_seed(0)
@@ -87,16 +87,16 @@ def two_object_batch(cache_dir, batch):
     images = torch.where(masks[:, None] > 0, 1.0, -1.0).expand(-1, 3, -1, -1).clone()  # objects white on black
     context, context_mask = torch.randn(batch, 4, 8), torch.ones(batch, 4, dtype=torch.bool)
     token_ids = torch.tensor([[0, 1, 2, 0]] * batch)
-    return unet, make_noise_scheduler(cfg.noise), images, masks, context, context_mask, token_ids
+    return unet, Objective(cfg.train, unet), images, masks, context, context_mask, token_ids
 
 
 def test_training_on_the_grounding_loss_moves_attention_onto_the_objects(cache_dir):
-    unet, scheduler, images, masks, context, context_mask, token_ids = two_object_batch(cache_dir, 4)
+    unet, objective, images, masks, context, context_mask, token_ids = two_object_batch(cache_dir, 4)
     grounding = Grounding(token_ids, masks, int(masks.max()) + 1)
 
     def fixed_terms():
         torch.manual_seed(123)  # the same timesteps and noise every time
-        return diffusion_loss(unet, scheduler, images, context, context_mask, grounding=grounding)
+        return objective(unet, images, context, context_mask, grounding)
 
     optimizer = torch.optim.Adam(unet.parameters(), lr=3e-3)
     before = fixed_terms().grounding.item()
@@ -163,12 +163,12 @@ def test_the_placer_reads_a_later_word_to_place_an_earlier_one():
 
 
 def test_the_place_loss_trains_the_placer_and_leaves_the_text_states_alone(cache_dir):
-    from diffusion.training.objective import place_loss
-
     torch.manual_seed(0)
-    unet = build_unet(tiny_config(cache_dir, "unet.text_place_layers=1"), context_dim=8)
+    cfg = tiny_config(cache_dir, "unet.text_place_layers=1")
+    unet = build_unet(cfg, context_dim=8)
     context = torch.randn(1, 5, 8, requires_grad=True)
-    loss, layout, _ = place_loss(unet, context, torch.ones(1, 5, dtype=torch.bool), Grounding(torch.tensor([[0, 1, 1, 2, 0]]), two_object_masks(16), 3))
+    grounding = Grounding(torch.tensor([[0, 1, 1, 2, 0]]), two_object_masks(16), 3)
+    loss, layout, _ = Objective(cfg.train, unet).place_loss(context, torch.ones(1, 5, dtype=torch.bool), grounding)
     loss.backward()
     assert loss > 0 and context.grad is None
     assert unet.placer.to_centre.weight.grad.abs().sum() > 0

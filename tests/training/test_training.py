@@ -15,7 +15,7 @@ from PIL import Image
 
 from diffusion.training.checkpoints import CheckpointError, list_checkpoints
 from diffusion.config import ConfigError, load_config
-from diffusion.training.objective import diffusion_loss, make_noise_scheduler
+from diffusion.training.objective import Objective
 from diffusion.training.loop import train
 from diffusion.training.setup import TrainingError, build_unet, resolve_precision
 
@@ -67,13 +67,13 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(cache_dir):
     cfg = tiny_config(cache_dir)
     torch.manual_seed(0)
     unet = build_unet(cfg, context_dim=8)
-    scheduler = make_noise_scheduler(cfg.noise)
+    objective = Objective(cfg.train, unet)
     images = torch.rand(8, 3, 16, 16) * 2 - 1
     context, mask = torch.randn(8, 5, 8), torch.ones(8, 5, dtype=torch.bool)
 
     def fixed_loss():
         torch.manual_seed(123)  # the same timesteps and noise every time
-        return diffusion_loss(unet, scheduler, images, context, mask).diffusion
+        return objective(unet, images, context, mask, grounding=None).diffusion
 
     optimizer = torch.optim.Adam(unet.parameters(), lr=2e-3)
     before = fixed_loss().item()

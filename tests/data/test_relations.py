@@ -1,6 +1,6 @@
 """The relation grammar: which relations a prompt states, read from its words."""
 
-from diffusion.text.relations import RELATION_AXES, RELATION_PHRASES, StatedRelation, stated_relations
+from diffusion.data.relations import RELATION_AXES, RELATION_PHRASES, StatedRelation, stated_relations
 
 
 def words(prompt):
