@@ -16,7 +16,7 @@ import yaml
 
 from diffusion.data.vocabulary import ShapesConfig
 from diffusion.errors import UserError
-from diffusion.text.tiny_clip import TinyClipConfig
+from diffusion.text.tiny_clip_config import TinyClipConfig
 
 
 class ConfigError(UserError, ValueError):

@@ -15,7 +15,7 @@ from transformers import CLIPModel, CLIPTokenizer
 
 from diffusion.training.text_states import TextStateCache, TunedTextStates
 from diffusion.text.encoder import TextEncoder, TextEncoderLoadError
-from diffusion.text.tiny_clip import TinyClipConfig
+from diffusion.text.tiny_clip_config import TinyClipConfig
 from diffusion.text.tiny_clip import build_clip_config, contrastive_loss, retrieval_accuracy, train_tiny_clip
 from diffusion.text.tokenizer import END_OF_WORD, byte_alphabet, train_clip_tokenizer
 
