@@ -111,6 +111,9 @@ class AttentionAggregator:
 
         return record
 
+    def self_recorder(self, step_index: int, timestep: int) -> AttentionRecorder | None:
+        return None  # cross-attention maps only
+
     def after_step(self, step_index: int, timestep: int, denoised: torch.Tensor) -> None:
         """Snapshot the global map, and the step's x_0 estimate (B, C, S, S), every `snapshot_every` steps."""
         every = self.settings.snapshot_every

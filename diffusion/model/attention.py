@@ -5,14 +5,17 @@ values from the CLIP text hidden states; padding tokens are masked out. Two path
 
 * the fused fast path (`F.scaled_dot_product_attention`), used for training and plain sampling;
 * an explicit path that materialises the attention probabilities (B, heads, HW, tokens), taken
-  only when a caller passes an `AttentionRecorder`. Nothing is recorded behind the caller's back:
-  no global hooks, no call counters.
+  only when a caller passes an `AttentionRecorder`. The recorder reads them and may return others
+  for the layer to use instead (a controller: prompt-to-prompt editing, diffusion.sampling.edit).
+  Nothing is recorded or replaced behind the caller's back: no global hooks, no call counters.
+
+Self-attention takes the explicit path the same way, when a caller passes a recorder for it.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,21 +24,24 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class AttentionRecorder(Protocol):
-    """Receives attention probabilities from the explicit path of each cross-attention layer."""
+    """Receives the attention probabilities of each layer it is passed to, on the explicit path."""
 
-    def __call__(self, layer_name: str, probs: torch.Tensor) -> None:
-        """`probs`: (B, heads, HW, tokens), each row summing to one over the unmasked tokens."""
+    def __call__(self, layer_name: str, probs: torch.Tensor) -> torch.Tensor | None:
+        """`probs`: (B, heads, queries, keys), each row summing to one over the unmasked keys. Returns
+        None to leave them as they are, or a tensor of the same shape that the layer uses instead."""
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, return_probs: bool
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+    control: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Multi-head attention. q: (B, h, N, d); k, v: (B, h, T, d); key_mask: (B, T) bool, True = attend.
 
-    Returns the output (B, h, N, d) and, if asked, the probabilities (B, h, N, T).
+    Returns the output (B, h, N, d) and, on the explicit path (taken when `control` is given), the
+    probabilities (B, h, N, T) it used: `control(probs)` sees them first and may return others.
     """
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T)
-    if not return_probs:
+    if control is None:
         if q.device.type == "cpu" and torch.is_grad_enabled():
             # PyTorch's CPU flash kernel is fast forward but its backward is 3-7x slower than the
             # math kernel at our sizes (few keys, short heads); see BENCHMARKS.md.
@@ -47,9 +53,18 @@ def attention(
     # 2. Padding tokens get zero probability.
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    # 3. Softmax over tokens (in float32 for accuracy under autocast), then mix the values.
+    # 3. Softmax over tokens (in float32 for accuracy under autocast); the caller may read or replace them.
     probs = scores.float().softmax(dim=-1)  # (B, h, N, T)
+    replaced = control(probs)
+    if replaced is not None:
+        probs = replaced  # (B, h, N, T)
+    # 4. Mix the values.
     return probs.to(v.dtype) @ v, probs  # (B, h, N, d)
+
+
+def on_layer(recorder: AttentionRecorder | None, layer_name: str) -> Callable[[torch.Tensor], torch.Tensor | None] | None:
+    """The recorder as `attention`'s `control` for one layer (None stays None: the fused path)."""
+    return None if recorder is None else lambda probs: recorder(layer_name, probs)
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -95,17 +110,16 @@ class CrossAttention(nn.Module):
         # 2. Keys and values from the text tokens.
         k = split_heads(self.to_k(context), self.heads)  # (B, heads, T, d)
         v = split_heads(self.to_v(context), self.heads)  # (B, heads, T, d)
-        # 3. Attend (the explicit path only when a recorder asks for the probabilities).
-        out, probs = attention(q, k, v, context_mask, return_probs=recorder is not None)
-        if recorder is not None:
-            recorder(self.layer_name, probs)  # (B, heads, HW, T)
+        # 3. Attend (the explicit path only when a recorder asks for the probabilities (B, heads, HW, T)).
+        out, _ = attention(q, k, v, context_mask, on_layer(recorder, self.layer_name))
         # 4. Project back and add to the residual stream.
         out = self.to_out(merge_heads(out))  # (B, HW, C)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class SelfAttention(nn.Module):
-    """Pixels attend to each other (used at low resolution only); residual, zero-initialised."""
+    """Pixels attend to each other (used at low resolution only); residual, zero-initialised.
+    `layer_name`, set by the UNet, names its probabilities (B, heads, HW, HW) to a recorder."""
 
     def __init__(self, channels: int, head_dim: int, norm_groups: int):
         super().__init__()
@@ -115,12 +129,13 @@ class SelfAttention(nn.Module):
         self.norm = nn.GroupNorm(norm_groups, channels)
         self.to_qkv = nn.Linear(channels, 3 * channels, bias=False)
         self.to_out = nn.Linear(channels, channels)
+        self.layer_name = "self_attention"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, recorder: AttentionRecorder | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
         pixels = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = (split_heads(t, self.heads) for t in self.to_qkv(pixels).chunk(3, dim=-1))  # (B, h, HW, d)
-        out, _ = attention(q, k, v, key_mask=None, return_probs=False)
+        out, _ = attention(q, k, v, None, on_layer(recorder, self.layer_name))  # probs: (B, h, HW, HW)
         out = self.to_out(merge_heads(out))  # (B, HW, C)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 

@@ -64,7 +64,7 @@ class BidirectionalLayer(nn.Module):
     def forward(self, states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         qkv = self.to_qkv(self.attn_norm(states)).chunk(3, dim=-1)  # 3 x (B, T, D)
         q, k, v = (split_heads(x, self.heads) for x in qkv)  # (B, heads, T, d)
-        mixed, _ = attention(q, k, v, key_mask=mask, return_probs=False)  # (B, heads, T, d)
+        mixed, _ = attention(q, k, v, key_mask=mask)  # (B, heads, T, d)
         states = states + self.attn_out(merge_heads(mixed))  # (B, T, D)
         return states + self.mlp_out(F.gelu(self.mlp_in(self.mlp_norm(states))))  # (B, T, D)
 

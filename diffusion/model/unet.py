@@ -63,10 +63,10 @@ class UNetBlock(nn.Module):
         self.cross_attn = CrossAttention(out_ch, context_dim, head_dim, norm_groups) if cross_attend else None
         self.ff = FeedForward(out_ch, ff_mult, norm_groups) if cross_attend and ff_mult > 0 else None
 
-    def forward(self, x, emb, context, context_mask, recorder: AttentionRecorder | None = None):
+    def forward(self, x, emb, context, context_mask, recorder=None, self_recorder=None):
         x = self.res(x, emb)
         if self.self_attn is not None:
-            x = self.self_attn(x)
+            x = self.self_attn(x, self_recorder)
         if self.cross_attn is not None:
             x = self.cross_attn(x, context, context_mask, recorder)
         if self.ff is not None:
@@ -139,7 +139,7 @@ class UNet(ModelMixin, ConfigMixin):
         self.conv_out = nn.Conv2d(ch, in_channels, 3, padding=1)
         self.initialize_weights()
         for name, module in self.named_modules():
-            if isinstance(module, CrossAttention):
+            if isinstance(module, (CrossAttention, SelfAttention)):
                 module.layer_name = name
 
     def build_paths(self, widths: list[int], resolutions: list[int], num_res_blocks: int, block) -> int:
@@ -220,8 +220,11 @@ class UNet(ModelMixin, ConfigMixin):
         return TextCondition(states, mask, pooled)
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, text: TextCondition, recorder: AttentionRecorder | None = None
+        self, sample: torch.Tensor, timestep: torch.Tensor, text: TextCondition, recorder: AttentionRecorder | None = None,
+        self_recorder: AttentionRecorder | None = None,
     ) -> torch.Tensor:
+        """`recorder` reads (and may replace) every cross-attention layer's probabilities (B, heads, HW, T),
+        `self_recorder` every self-attention layer's (B, heads, HW, HW); None: the fused path."""
         if timestep.ndim == 0:
             timestep = timestep.expand(sample.shape[0])
         context, context_mask = text.states, text.mask
@@ -234,18 +237,18 @@ class UNet(ModelMixin, ConfigMixin):
         skips = [h]
         for blocks, downsample in zip(self.down, self.downsample):
             for blk in blocks:
-                h = blk(h, emb, context, context_mask, recorder)
+                h = blk(h, emb, context, context_mask, recorder, self_recorder)
                 skips.append(h)
             if not isinstance(downsample, nn.Identity):
                 h = downsample(h)
                 skips.append(h)
         # 3. Middle at the lowest resolution.
         for blk in self.mid:
-            h = blk(h, emb, context, context_mask, recorder)
+            h = blk(h, emb, context, context_mask, recorder, self_recorder)
         # 4. Up path, concatenating the skips in reverse order.
         for blocks, upsample in zip(self.up, self.upsample):
             for blk in blocks:
-                h = blk(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask, recorder)
+                h = blk(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask, recorder, self_recorder)
             if not isinstance(upsample, nn.Identity):
                 h = upsample(F.interpolate(h, scale_factor=2.0, mode="nearest"))
         # 5. Back to image channels.

@@ -101,10 +101,16 @@ class RelationTargets:
 
 
 class LayoutGuidance(SamplingHook):
-    """A sampling hook that moves x_t at the first steps until the batch's stated relations hold."""
+    """A sampling hook that moves x_t at the first steps until the batch's stated relations hold.
 
-    def __init__(self, targets: RelationTargets, strength: float, num_steps: int, until: float = UNTIL, margin: float = MARGIN):
-        self.targets, self.strength, self.margin = targets, strength, margin
+    `follow`: (B,) the row whose step each row takes (an edit takes its source's, so that the two
+    keep one x_t while their maps are one); None: each its own."""
+
+    def __init__(
+        self, targets: RelationTargets, strength: float, num_steps: int, until: float = UNTIL, margin: float = MARGIN,
+        follow: torch.Tensor | None = None,
+    ):
+        self.targets, self.strength, self.margin, self.follow = targets, strength, margin, follow
         self.guided_steps = math.ceil(until * num_steps) if len(targets) > 0 and strength > 0 else 0
 
     def before_step(self, i: int, t: int, x: torch.Tensor, denoise: Denoise) -> torch.Tensor:
@@ -120,4 +126,7 @@ class LayoutGuidance(SamplingHook):
             (grad,) = torch.autograd.grad(loss.sum(), x)
         # Per image, a step of `strength` in root-mean-square size (none where the loss is zero).
         rms = grad.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()  # (B, 1, 1, 1)
-        return (x - self.strength * grad / rms.clamp(min=1e-12)).detach()
+        step = self.strength * grad / rms.clamp(min=1e-12)  # (B, C, S, S)
+        if self.follow is not None:
+            step = step[self.follow.to(step.device)]
+        return (x - step).detach()

@@ -23,14 +23,19 @@ Denoise = Callable[[torch.Tensor, AttentionRecorder], torch.Tensor]
 
 class SamplingHook:
     """Per-step hooks of `sample`; each method's default does nothing. At step i (timestep t):
-    `before_step` may move x_t, `recorder` may ask for the step's attention, `after_step` observes the
-    step's estimate of the clean image. Any object with these three methods is a hook (the maps'
-    AttentionAggregator is one, in a layer below this that does not import it)."""
+    `before_step` may move x_t; `recorder` and `self_recorder` may ask for the step's cross- and
+    self-attention probabilities, and replace them (an edit's controller); `after_step` observes the
+    step's estimate of the clean image. Any object with these four methods is a hook (the maps'
+    AttentionAggregator is one, in a layer below this that does not import it). The recorders of
+    several hooks run in the hooks' order, each seeing what the one before returned."""
 
     def before_step(self, i: int, t: int, x: torch.Tensor, denoise: Denoise) -> torch.Tensor:
         return x
 
     def recorder(self, i: int, t: int) -> AttentionRecorder | None:
+        return None
+
+    def self_recorder(self, i: int, t: int) -> AttentionRecorder | None:
         return None
 
     def after_step(self, i: int, t: int, denoised: torch.Tensor) -> None:
@@ -71,13 +76,15 @@ def denoised_estimate(scheduler: SchedulerMixin, step_output) -> torch.Tensor:
 
 
 def _one_recorder(recorders: list[AttentionRecorder]) -> AttentionRecorder | None:
-    """The step's recorders as one (the UNet takes one)."""
+    """The step's recorders as one (the UNet takes one), in order, each seeing what the last returned."""
     if len(recorders) <= 1:
         return recorders[0] if recorders else None
 
-    def record_all(layer_name: str, probs: torch.Tensor) -> None:
+    def record_all(layer_name: str, probs: torch.Tensor) -> torch.Tensor:
         for record in recorders:
-            record(layer_name, probs)
+            replaced = record(layer_name, probs)
+            probs = probs if replaced is None else replaced
+        return probs
 
     return record_all
 
@@ -95,12 +102,15 @@ def sample(
     guidance_scale: float,
     hooks: Sequence[SamplingHook] = (),
     layouts: torch.Tensor | None = None,
+    centres: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoise pure noise into images in [-1, 1]: (B, C, S, S).
 
     context: (B, T, D) text states of the prompts, context_mask: (B, T); null_*: the unconditional
     (empty or negative) prompt's, (1 or B, T, D) / (1 or B, T). `hooks`: see `SamplingHook`.
     layouts: (B,) which of the text placer's layouts each image follows (`seed_layouts`; None: the first).
+    centres: (B, T, K, 2) the text placer's proposals for the prompts, where the caller fixes them (an
+    edit follows its source's); None: the placer's own.
     """
     b = context.shape[0]
     size = unet.config.sample_size
@@ -114,6 +124,9 @@ def sample(
         context = torch.cat([context, null_context.expand(b, -1, -1)])
         context_mask = torch.cat([context_mask, null_mask.expand(b, -1)])
     row_layouts = torch.cat([layouts, layouts]) if guided and layouts is not None else layouts  # one per row
+    row_centres = centres
+    if guided and centres is not None:  # the unconditional rows' own: (2B, T, K, 2)
+        row_centres = torch.cat([centres, unet.placer.centres(context[b:], context_mask[b:])])
     # The text as the UNet reads it (its placer and pooled text) is made at every step: made once, the
     # images stay the same bit for bit but the maps move by ~2e-7 (docs/tried.md).
     # Schedulers that add noise in their step (DDPM) draw it from each image's own generator.
@@ -122,16 +135,17 @@ def sample(
     for i, (t, t_host) in enumerate(zip(scheduler.timesteps, scheduler.timesteps.tolist())):
         # 0. Hooks may move x_t first (layout guidance), through a conditional pass they can differentiate.
         def denoise(x_t: torch.Tensor, recorder: AttentionRecorder, t=t) -> torch.Tensor:
-            prompts = unet.condition(text, text_mask, layouts)  # (B, T, D): the prompts alone
+            prompts = unet.condition(text, text_mask, layouts, centres)  # (B, T, D): the prompts alone
             return unet(scheduler.scale_model_input(x_t, t), t.expand(b), prompts, recorder=recorder)
 
         for hook in hooks:
             x = hook.before_step(i, t_host, x, denoise)
         # 1. Model output for the conditional and unconditional rows in one pass.
         recorder = _one_recorder([r for hook in hooks if (r := hook.recorder(i, t_host)) is not None])
+        self_recorder = _one_recorder([r for hook in hooks if (r := hook.self_recorder(i, t_host)) is not None])
         x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-        rows = unet.condition(context, context_mask, row_layouts)  # (2B or B, T, D)
-        out = unet(x_in, t.expand(x_in.shape[0]), rows, recorder=recorder).float()
+        rows = unet.condition(context, context_mask, row_layouts, row_centres)  # (2B or B, T, D)
+        out = unet(x_in, t.expand(x_in.shape[0]), rows, recorder, self_recorder).float()
         # 2. Classifier-free guidance.
         if guided:
             cond, uncond = out.chunk(2)  # (B, C, S, S) each

@@ -24,10 +24,11 @@ from diffusion.devices import sampling_autocast, to_host
 from diffusion.maps.aggregate import AttentionAggregator, AttentionMaps, ImageAttention, MapSettings
 from diffusion.model.unet import UNet
 from diffusion.runs import CONFIG_FILE, MODEL_INDEX_FILE, ModelLoadError, find_model_dir
+from diffusion.sampling.edit import Alignment, PromptToPrompt
 from diffusion.sampling.layout_guidance import UNTIL, LayoutGuidance, RelationTargets
 from diffusion.sampling.loop import OnStep, SamplingHook, sample, seed_layouts
 from diffusion.sampling.schedulers import make_sampling_scheduler
-from diffusion.sampling.settings import SamplerSettings
+from diffusion.sampling.settings import EditSettings, SamplerSettings
 from diffusion.text.encoder import TextEncoder
 from diffusion.text.prompt_tokens import prompt_tokens
 
@@ -38,6 +39,15 @@ OLD_UNET_MODULE = "diffusion.unet"  # the UNet's module in exports made before t
 class PipelineOutput:
     images: list[Image.Image]
     attention: list[ImageAttention] | None
+
+
+@dataclass
+class EditOutput:
+    """`TextToImagePipeline.edit`'s result: the prompts' images and their edits', in the same order."""
+
+    source: PipelineOutput
+    edited: PipelineOutput
+    alignments: list[Alignment]  # how each edit's words took the source's maps
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -100,11 +110,14 @@ class TextToImagePipeline(DiffusionPipeline):
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder.encode(prompts)
 
-    def layout_guidance(self, prompts: list[str], strength: float, num_steps: int, until: float = UNTIL) -> LayoutGuidance:
-        """The hook that moves x_t at the first `until` of `num_steps` steps until the prompts' stated relations hold."""
+    def layout_guidance(
+        self, prompts: list[str], strength: float, num_steps: int, until: float = UNTIL, follow: torch.Tensor | None = None
+    ) -> LayoutGuidance:
+        """The hook that moves x_t at the first `until` of `num_steps` steps until the prompts' stated relations
+        hold; `follow` (B,): the row whose step each row takes (LayoutGuidance)."""
         max_length = self.encoder.max_length
         tokens = [prompt_tokens(self.tokenizer, p, max_length) for p in prompts]
-        return LayoutGuidance(RelationTargets(tokens, max_length), strength=strength, num_steps=num_steps, until=until)
+        return LayoutGuidance(RelationTargets(tokens, max_length), strength, num_steps, until, follow=follow)
 
     @torch.no_grad()
     def __call__(
@@ -123,14 +136,52 @@ class TextToImagePipeline(DiffusionPipeline):
         are the caller's own sampling hooks (diffusion.sampling.loop), run after layout guidance."""
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+        return self._sample(prompts, seeds, settings, negative_prompt, return_attention, map_settings, callback, list(hooks))
+
+    @torch.no_grad()
+    def edit(
+        self,
+        prompts: list[str],
+        edited: list[str],
+        seeds: list[int],
+        edit: EditSettings = EditSettings(),
+        settings: SamplerSettings = SamplerSettings(),
+        negative_prompt: str = "",
+        return_attention: bool = False,
+        map_settings: MapSettings | None = None,
+        callback=None,
+    ) -> EditOutput:
+        """Prompt-to-prompt (diffusion.sampling.edit): each prompt and its edited prompt sampled side by side
+        from one seed, the edit taking the prompt's attention as `edit` says. An edited prompt equal to its
+        prompt with `edit.reweight` set re-weights words alone."""
+        if not len(prompts) == len(edited) == len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts, {len(edited)} edited prompts and {len(seeds)} seeds; give one of each per image")
+        max_length = self.encoder.max_length
+        control = PromptToPrompt(
+            [prompt_tokens(self.tokenizer, p, max_length) for p in prompts],
+            [prompt_tokens(self.tokenizer, p, max_length) for p in edited], edit, settings.steps, max_length,
+        )
+        out = self._sample(
+            [*prompts, *edited], [*seeds, *seeds], settings, negative_prompt, return_attention, map_settings, callback,
+            [control], control,
+        )
+        n = len(prompts)
+        split = [PipelineOutput(out.images[rows], out.attention[rows] if out.attention else None) for rows in (slice(0, n), slice(n, None))]
+        return EditOutput(*split, control.alignments)
+
+    def _sample(
+        self, prompts: list[str], seeds: list[int], settings: SamplerSettings, negative_prompt: str, return_attention: bool,
+        map_settings: MapSettings | None, callback, hooks: list[SamplingHook], pairs: PromptToPrompt | None = None,
+    ) -> PipelineOutput:
+        """`__call__`'s work; with `pairs`, the batch is n sources then their n edits, which follow the sources."""
         # Prompts and the negative (or empty) prompt in one pass of the text encoder.
         states, masks = self.encode([*prompts, negative_prompt])  # (B + 1, T, D), (B + 1, T)
         context, mask = states[:-1], masks[:-1]  # (B, T, D), (B, T)
         null_context, null_mask = states[-1:], masks[-1:]  # (1, T, D), (1, T)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        hooks = list(hooks)
         if settings.layout_guidance > 0:
-            hooks.insert(0, self.layout_guidance(prompts, settings.layout_guidance, settings.steps))
+            follow = None if pairs is None else torch.arange(len(prompts)) % pairs.n  # an edit takes its source's step
+            hooks.insert(0, self.layout_guidance(prompts, settings.layout_guidance, settings.steps, follow=follow))
         aggregator = None
         if return_attention:
             aggregator = AttentionAggregator(len(prompts), self.unet.config.sample_size, map_settings)
@@ -139,10 +190,13 @@ class TextToImagePipeline(DiffusionPipeline):
             hooks.append(OnStep(callback))
         scheduler = make_sampling_scheduler(settings.scheduler, self.scheduler.config)
         with sampling_autocast(context.device):
+            centres = None
+            if pairs is not None and self.unet.placer is not None:
+                centres = pairs.follow_centres(self.unet.placer.centres(context, mask))  # (B, T, K, 2)
             images = sample(
                 self.unet, scheduler, context, mask, null_context, null_mask, generators,
                 num_steps=settings.steps, guidance_scale=settings.guidance, hooks=hooks,
-                layouts=seed_layouts(seeds, self.unet.config.text_place_layouts).to(context.device),
+                layouts=seed_layouts(seeds, self.unet.config.text_place_layouts).to(context.device), centres=centres,
             )
         # What the caller gets crosses to the host here, and only here: images, maps, snapshots.
         images, maps = to_host((images, aggregator.result() if aggregator else None))

@@ -65,3 +65,95 @@ class SamplerSettings:
             "scheduler": self.scheduler, "steps": self.steps, "guidance_scale": self.guidance,
             "layout_guidance": self.layout_guidance,
         }
+
+
+# An edit's defaults, chosen on the edit benchmark (BENCHMARKS.md, "Editing"): the source's cross-attention
+# for the first 80% of the steps, its self-attention for the first 40% (prompt-to-prompt's own defaults).
+CROSS_REPLACE = 0.8
+SELF_REPLACE = 0.4
+
+
+class EditSettingsError(UserError, ValueError):
+    """An edit setting out of range or badly written; the message names the flag."""
+
+
+def parse_word_values(texts: list[str], flag: str) -> tuple[tuple[str, float], ...]:
+    """['red=2', 'circle=0.5'] -> (('red', 2.0), ('circle', 0.5)); a clear message for anything else."""
+    pairs = []
+    for text in texts:
+        word, sep, value = text.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if not sep or not word.strip() or number is None:
+            raise EditSettingsError(f"{flag} {text!r}: write WORD=NUMBER, e.g. {flag} red=2")
+        pairs.append((word.strip(), number))
+    return tuple(pairs)
+
+
+@dataclass(frozen=True)
+class EditSettings:
+    """A prompt-to-prompt edit's choices (diffusion.sampling.edit): how long the edited prompt's image takes
+    the source's attention, and which words it scales. Fractions are of the sampling steps, the first ones."""
+
+    cross_replace: float = CROSS_REPLACE  # the edit's cross-attention maps are the source's for this fraction
+    self_replace: float = SELF_REPLACE  # and its self-attention maps for this fraction
+    cross_replace_words: tuple[tuple[str, float], ...] = ()  # (word of the edited prompt, its own fraction)
+    reweight: tuple[tuple[str, float], ...] = ()  # (word of the edited prompt, factor on its attention)
+
+    def __post_init__(self) -> None:
+        fractions = [("--cross-replace", None, self.cross_replace), ("--self-replace", None, self.self_replace)]
+        fractions += [("--cross-replace", word, f) for word, f in self.cross_replace_words]
+        for flag, word, fraction in fractions:
+            if not 0.0 <= fraction <= 1.0:
+                given = f"{word}={fraction:g}" if word else f"{fraction:g}"
+                raise EditSettingsError(f"{flag} {given}: a fraction of the sampling steps must lie in [0, 1]")
+        for word, weight in self.reweight:
+            if not 0.0 <= weight < float("inf"):
+                raise EditSettingsError(f"--reweight {word}={weight:g}: a word's weight must be >= 0 (1 leaves it)")
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """--edit, --cross-replace, --self-replace and --reweight."""
+        group = parser.add_argument_group("editing (prompt-to-prompt: keep the source's layout while words change)")
+        group.add_argument(
+            "--edit", action="append", default=[],
+            help="an edited prompt, one per --prompt: each seed samples the prompt and its edit side by side, the edit "
+            "taking the prompt's attention maps",
+        )
+        group.add_argument(
+            "--cross-replace", action="append", default=[], metavar="F or WORD=F",
+            help=f"the fraction of the first steps in which the edit takes the source's cross-attention maps "
+            f"(default {CROSS_REPLACE:g}); WORD=F sets one word's own fraction (repeatable)",
+        )
+        group.add_argument(
+            "--self-replace", type=float, default=SELF_REPLACE,
+            help=f"the fraction of the first steps in which the edit takes the source's self-attention maps (default {SELF_REPLACE:g})",
+        )
+        group.add_argument(
+            "--reweight", action="append", default=[], metavar="WORD=W",
+            help="scale a word's attention in the edit by W (repeatable; with no --edit, the edit is the prompt itself)",
+        )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EditSettings:
+        plain = [text for text in args.cross_replace if "=" not in text]
+        if len(plain) > 1:
+            raise EditSettingsError(f"--cross-replace given {len(plain)} plain fractions ({', '.join(plain)}); give one, and WORD=F for single words")
+        try:
+            cross = float(plain[0]) if plain else CROSS_REPLACE
+        except ValueError:
+            raise EditSettingsError(f"--cross-replace {plain[0]!r}: write a fraction, e.g. 0.8, or WORD=F") from None
+        return cls(
+            cross_replace=cross, self_replace=args.self_replace,
+            cross_replace_words=parse_word_values([t for t in args.cross_replace if "=" in t], "--cross-replace"),
+            reweight=parse_word_values(args.reweight, "--reweight"),
+        )
+
+    def manifest(self) -> dict:
+        """What an edited image's manifest records of the edit's settings."""
+        return {
+            "cross_replace": self.cross_replace, "self_replace": self.self_replace,
+            "cross_replace_words": dict(self.cross_replace_words), "reweight": dict(self.reweight),
+        }
