@@ -8,6 +8,10 @@ Each request samples with the pipeline and writes the images and maps exactly as
 temporary folder, removed afterwards), then shows them in the viewer's page (diffusion/viewer): hover or
 click a word to overlay its map, pick a layer, and slide over the denoising steps to watch the map form
 as the image emerges. A second prompt, sampled with the same seed, shows what a changed word moves.
+Tick "edit" and the second prompt is sampled as a prompt-to-prompt edit of the first (sample.py --edit): it
+takes the first prompt's attention maps for the first steps, so the layout stays while the changed words
+change; a re-weight (red=2) scales words' attention, and with no second prompt re-weights the prompt itself.
+The two images then show as one pair, with the edit's settings and which word took which word's map.
 Requests queue: one samples at a time, and every page waits only for its own result.
 """
 
@@ -24,7 +28,7 @@ from pathlib import Path
 
 from diffusion.devices import add_device_argument, use_device
 from diffusion.errors import UserError, exit_on_user_error
-from diffusion.sampling.settings import SCHEDULER_NAMES, SamplerSettings
+from diffusion.sampling.settings import SCHEDULER_NAMES, EditSettings, SamplerSettings, parse_word_values
 
 PACKAGE = Path(__file__).parent
 FRAMES = 20  # map and image snapshots per image for the step slider (at most; the slider's end is the final map)
@@ -51,6 +55,17 @@ def number(value, name: str, whole: bool = False) -> float | int:
     return int(result) if whole else result
 
 
+def edit_settings(as_edit: bool, cross_replace, self_replace, reweight: str) -> EditSettings | None:
+    """The form's edit fields as EditSettings (None unless "edit" is ticked); bad values get the CLI's messages."""
+    weights = parse_word_values((reweight or "").split(), "--reweight")
+    if not as_edit:
+        if weights:  # said, rather than ignored: a re-weight acts only in an edit
+            raise UserError('a re-weight scales words in an edit: tick "edit" (with no second prompt it re-weights the prompt itself)')
+        return None
+    return EditSettings(cross_replace=number(cross_replace, "--cross-replace"),
+                        self_replace=number(self_replace, "--self-replace"), reweight=weights)
+
+
 class Demo:
     """The loaded model and what one request does with it; the web page is `build_app`."""
 
@@ -63,27 +78,56 @@ class Demo:
         self.name = run_name(self.model_dir)
         self.pipe = TextToImagePipeline.from_run(self.model_dir, device=chosen)
 
-    def page(self, prompt: str, compare: str, seed, settings: SamplerSettings, progress: bool = False) -> tuple[str, list[str]]:
-        """The viewer's page (HTML) of `prompt` (and `compare`, same seed), and the notes the sampler raised."""
+    def page(self, prompt: str, compare: str, seed, settings: SamplerSettings, progress: bool = False,
+             edit: EditSettings | None = None) -> tuple[str, list[str]]:
+        """The viewer's page (HTML) of `prompt` (and `compare`, same seed), and the notes the sampler raised.
+        With `edit`, `compare` is sampled as an edit of `prompt` (an empty one: `prompt` re-weighted), one pair card."""
         from diffusion.maps.aggregate import MapSettings
-        from diffusion.sampling.generate import generate, plan_jobs, warn_about_split_words
-        from diffusion.viewer.report import read_sample, render
+        from diffusion.viewer.report import render
 
         seed = number(seed, "--seed", whole=True)
         if seed < 0:
             raise UserError(f"--seed must be >= 0, got {seed}")
-        jobs = plan_jobs([prompt, compare] if compare.strip() else [prompt], [seed])
-        jobs = list({job.file_name: job for job in jobs}.values())  # the same prompt twice is sampled once
         maps = MapSettings(snapshot_every=snapshot_every(settings.steps))
         with tempfile.TemporaryDirectory(prefix="demo-") as folder, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            warn_about_split_words(self.pipe, [job.prompt for job in jobs])
-            generate(self.pipe, jobs, Path(folder), settings, batch_size=len(jobs), maps=maps,
-                     extra_manifest={"model": str(self.model_dir.resolve())}, progress=progress)
-            cards = [{"samples": [read_sample(Path(folder) / job.file_name)]} for job in jobs]  # in prompt order
+            if edit is None:
+                cards = self.prompt_cards([prompt, compare] if compare.strip() else [prompt], seed, settings, maps, Path(folder), progress)
+            else:
+                cards = [self.edit_card(prompt, compare, seed, settings, edit, maps, Path(folder), progress)]
         data = {"kind": "samples", "title": self.name, "folder": f"seed {seed}", "cards": cards, "smooth": False}
         notes = list(dict.fromkeys(str(w.message) for w in caught if ours(w)))
         return render(data), notes
+
+    def prompt_cards(self, prompts: list[str], seed: int, settings: SamplerSettings, maps, folder: Path, progress: bool) -> list[dict]:
+        """Each prompt sampled with `seed` into `folder`, as the viewer's cards, in prompt order."""
+        from diffusion.sampling.generate import generate, plan_jobs, warn_about_split_words
+        from diffusion.viewer.report import read_sample
+
+        jobs = plan_jobs(prompts, [seed])
+        jobs = list({job.file_name: job for job in jobs}.values())  # the same prompt twice is sampled once
+        warn_about_split_words(self.pipe, [job.prompt for job in jobs])
+        generate(self.pipe, jobs, folder, settings, batch_size=len(jobs), maps=maps,
+                 extra_manifest={"model": str(self.model_dir.resolve())}, progress=progress)
+        return [{"samples": [read_sample(folder / job.file_name)]} for job in jobs]
+
+    def edit_card(self, prompt: str, edited: str, seed: int, settings: SamplerSettings, edit: EditSettings, maps,
+                  folder: Path, progress: bool) -> dict:
+        """`prompt` and its edit `edited` (`prompt` itself where empty: a re-weight) sampled as sample.py --edit
+        does, into `folder`, as the viewer's pair card."""
+        from diffusion.sampling.generate import EditJob, generate_edits, warn_about_split_words
+        from diffusion.viewer.report import pair_card
+
+        if not prompt.strip():
+            raise UserError("an edit needs words on both sides: the empty prompt has no attention maps to take or give")
+        if not edited.strip() and not edit.reweight:
+            raise UserError("an edit needs the edited prompt as the second prompt, or a re-weight (e.g. red=2) "
+                            "to re-weight the prompt itself")
+        job = EditJob(prompt, edited if edited.strip() else prompt, seed)
+        warn_about_split_words(self.pipe, [job.prompt, job.edited])
+        generate_edits(self.pipe, [job], folder, settings, edit, batch_size=1, maps=maps,
+                       extra_manifest={"model": str(self.model_dir.resolve())}, progress=progress)
+        return pair_card(folder / job.source_name, folder / job.file_name)
 
 
 def ours(warning: warnings.WarningMessage) -> bool:
@@ -105,16 +149,18 @@ def build_app(demo: Demo):
     """The Gradio page: prompt boxes and the sampler's controls, with sample.py's defaults."""
     import gradio as gr
 
-    d = SamplerSettings()
+    d, e = SamplerSettings(), EditSettings()
 
     # `progress` is Gradio's: it shows the sampler's progress bar (tqdm) in the page.
-    def run(prompt, compare, seed, steps, guidance, scheduler, layout_guidance, progress=gr.Progress(track_tqdm=True)):
+    def run(prompt, compare, seed, steps, guidance, scheduler, layout_guidance, as_edit, cross_replace, self_replace,
+            reweight, progress=gr.Progress(track_tqdm=True)):
         try:
             settings = SamplerSettings(
                 scheduler=scheduler, steps=number(steps, "--steps", whole=True), guidance=number(guidance, "--guidance"),
                 layout_guidance=number(layout_guidance, "--layout-guidance"),
             )
-            page, notes = demo.page(prompt or "", compare or "", seed, settings, progress=True)
+            edit = edit_settings(as_edit, cross_replace, self_replace, reweight)
+            page, notes = demo.page(prompt or "", compare or "", seed, settings, progress=True, edit=edit)
         except UserError as error:  # the CLI's message, in the page
             raise gr.Error(str(error), print_exception=False) from None
         return iframe(page), "\n".join(f"- {note}" for note in notes)
@@ -123,11 +169,13 @@ def build_app(demo: Demo):
         gr.Markdown(
             f"### Where each word acted: `{demo.name}`\n"
             "Type a prompt and press Enter. Hover or click a word to see its cross-attention map; slide over the "
-            "denoising steps to watch it form. A second prompt with the same seed shows what one word changes."
+            "denoising steps to watch it form. A second prompt with the same seed shows what one word changes; "
+            "tick **edit** to sample it as a prompt-to-prompt edit of the first, keeping the first image's layout "
+            "(the two side by side, with which word took which word's map)."
         )
         with gr.Row():
             prompt = gr.Textbox(label="prompt", value=EXAMPLES[0][0], elem_id="prompt", scale=3)
-            compare = gr.Textbox(label="compare with (same seed; optional)", value=EXAMPLES[0][1], elem_id="compare", scale=3)
+            compare = gr.Textbox(label="second prompt (same seed; optional)", value=EXAMPLES[0][1], elem_id="compare", scale=3)
             button = gr.Button("Generate", variant="primary", elem_id="generate", scale=1)
         with gr.Row():
             seed = gr.Number(label="seed", value=0, precision=0, elem_id="seed")
@@ -135,11 +183,19 @@ def build_app(demo: Demo):
             guidance = gr.Number(label="guidance", value=d.guidance, elem_id="guidance")
             scheduler = gr.Dropdown(list(SCHEDULER_NAMES), label="sampler", value=d.scheduler, elem_id="scheduler")
             layout = gr.Number(label="layout guidance (0 = off)", value=d.layout_guidance, elem_id="layout-guidance")
+        with gr.Row():
+            as_edit = gr.Checkbox(label="edit: the second prompt is an edit of the first (prompt-to-prompt)",
+                                  value=False, elem_id="as-edit", scale=2)
+            cross = gr.Number(label="cross-replace (fraction of the steps taking the first's word maps)",
+                              value=e.cross_replace, elem_id="cross-replace")
+            self_ = gr.Number(label="self-replace (fraction taking its self-attention)", value=e.self_replace, elem_id="self-replace")
+            reweight = gr.Textbox(label="re-weight (e.g. red=2 circle=0.5; no second prompt: the prompt re-weighted)",
+                                  elem_id="reweight", scale=2)
         notes = gr.Markdown(elem_id="notes")
         view = gr.HTML(elem_id="view")
         gr.Examples(EXAMPLES, [prompt, compare])
-        inputs = [prompt, compare, seed, steps, guidance, scheduler, layout]
-        for trigger in (button.click, prompt.submit, compare.submit):
+        inputs = [prompt, compare, seed, steps, guidance, scheduler, layout, as_edit, cross, self_, reweight]
+        for trigger in (button.click, prompt.submit, compare.submit, reweight.submit):
             trigger(run, inputs, [view, notes], concurrency_id="sample")
     # One sampling at a time (it takes every core); the rest wait in the queue, each page for its own.
     return app.queue(default_concurrency_limit=1)

@@ -2,7 +2,7 @@
 
 Per layer: the probabilities (B, heads, HW, T) of the conditional rows are averaged over heads and
 added to a running sum at the layer's own resolution, so memory does not grow with the number of
-steps. At the end each layer's mean is upsampled to the image size, and the global map is the mean
+steps (with `keep_heads`, each head's own sum beside it). At the end each layer's mean is upsampled to the image size, and the global map is the mean
 over layers. Optional per-step snapshots keep the global map at chosen steps, and beside it the
 step's estimate of the clean image, so a viewer can show the map forming as the image emerges.
 
@@ -30,6 +30,8 @@ class MapSettings:
 
     # Keep each layer's own map as well as the global mean over layers.
     keep_layers: bool = True
+    # Keep each layer's map per attention head as well (sample.py --head-maps).
+    keep_heads: bool = False
     # Snapshot the global map after every N-th step (0: none).
     snapshot_every: int = 0
     # Aggregate only steps whose timestep lies in [low, high] (None: all steps).
@@ -46,6 +48,7 @@ class AttentionMaps:
 
     global_map: torch.Tensor
     layers: dict[str, torch.Tensor] = field(default_factory=dict)
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (B, heads, T, S, S), with keep_heads
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # step index -> global map
     denoised: dict[int, torch.Tensor] = field(default_factory=dict)  # step index -> x_0 estimate (B, C, S, S)
     steps_aggregated: list[int] = field(default_factory=list)  # timesteps summed into the maps
@@ -57,7 +60,8 @@ class ImageAttention:
 
     tokens: PromptTokens
     global_map: torch.Tensor  # (T, S, S)
-    layers: dict[str, torch.Tensor]  # layer name -> (T, S, S)
+    layers: dict[str, torch.Tensor]  # layer name -> (T, S, S), the mean over its heads
+    heads: dict[str, torch.Tensor]  # layer name -> (heads, T, S, S), with MapSettings.keep_heads
     snapshots: dict[int, torch.Tensor]  # step index -> (T, S, S)
     snapshot_images: dict[int, Image.Image]  # step index -> the step's estimate of the clean image
     steps_aggregated: list[int]
@@ -80,6 +84,7 @@ class AttentionAggregator:
         self.image_size = image_size
         self.settings = settings or MapSettings()
         self.sums: dict[str, torch.Tensor] = {}  # layer -> (B, T, r, r) running sum
+        self.head_sums: dict[str, torch.Tensor] = {}  # layer -> (B, heads, T, r, r), with keep_heads
         self.counts: dict[str, int] = {}
         self.snapshots: dict[int, torch.Tensor] = {}
         self.denoised: dict[int, torch.Tensor] = {}
@@ -102,12 +107,10 @@ class AttentionAggregator:
             side = int(round(hw**0.5))
             # 2. Add to this layer's running sum at its own resolution.
             as_images = per_pixel.transpose(1, 2).reshape(b, t, side, side)  # (B, T, r, r)
-            if layer_name in self.sums:
-                self.sums[layer_name] += as_images
-                self.counts[layer_name] += 1
-            else:
-                self.sums[layer_name] = as_images.clone()
-                self.counts[layer_name] = 1
+            add(self.sums, layer_name, as_images)
+            if self.settings.keep_heads:  # (B, heads, T, r, r)
+                add(self.head_sums, layer_name, probs[: self.batch_size].float().transpose(2, 3).unflatten(-1, (side, side)))
+            self.counts[layer_name] = self.counts.get(layer_name, 0) + 1
 
         return record
 
@@ -128,6 +131,13 @@ class AttentionAggregator:
         kwargs = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
         return F.interpolate(maps, size=(self.image_size, self.image_size), mode=mode, **kwargs)
 
+    def _head_means(self) -> dict[str, torch.Tensor]:
+        """Each layer's per-head mean over the steps, upsampled to the image: (B, heads, T, S, S)."""
+        return {
+            name: self._upsample((total / self.counts[name]).flatten(1, 2)).unflatten(1, total.shape[1:3])
+            for name, total in self.head_sums.items()
+        }
+
     def _layer_means(self) -> dict[str, torch.Tensor]:
         """Each layer's mean over the steps so far, upsampled to the image: (B, T, S, S)."""
         return {name: self._upsample(total / self.counts[name]) for name, total in self.sums.items()}
@@ -143,7 +153,16 @@ class AttentionAggregator:
         return AttentionMaps(
             global_map=self._global(layers),
             layers=layers if self.settings.keep_layers else {},
+            heads=self._head_means(),
             snapshots=dict(self.snapshots),
             denoised=dict(self.denoised),
             steps_aggregated=list(self.steps_aggregated),
         )
+
+
+def add(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """Add `value` to the running sum `sums[name]` (a copy of it, the first time)."""
+    if name in sums:
+        sums[name] += value
+    else:
+        sums[name] = value.clone()

@@ -4,6 +4,7 @@ word, and one overlay per word. The arrays and the manifest go through diffusion
     <name>.attn/grid.png              the image and one heat-map tile per word, with the word under it
     <name>.attn/words/NN_<word>.png   one overlay per word (NN: the word's position in the prompt)
     <name>.attn/steps/step_NNNN.png   with step snapshots: the denoised estimate after each snapshot step
+    pairs/<edit name>.png             an edit's source over its edit (sample.py --edit)
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def save_image_with_maps(image: Image.Image, attention: ImageAttention | None, i
 
     arrays = {"global": attention.global_map, "words": words}
     arrays.update({f"layer/{name}": m for name, m in attention.layers.items()})
+    arrays.update({f"layer/{name}/head{k}": m for name, heads in attention.heads.items() for k, m in enumerate(heads)})
     arrays.update({f"step/{i}": m for i, m in attention.snapshots.items()})
     tokens = attention.tokens
     manifest = {
@@ -99,11 +101,12 @@ def save_image_with_maps(image: Image.Image, attention: ImageAttention | None, i
         "dropped_words": tokens.dropped_words,
         "layers": attention.layer_resolutions,
         "layers_saved": sorted(attention.layers),
+        "heads_saved": {name: len(heads) for name, heads in sorted(attention.heads.items())},
         "snapshot_steps": sorted(attention.snapshots),
         "snapshot_images": list(step_images.values()),
         "timesteps_aggregated": attention.steps_aggregated,
         "aggregation": {
-            "heads": "mean",
+            "heads": "mean (and each head's own under layer/<name>/head<k>, where heads_saved lists the layer)",
             "steps": "mean over the aggregated steps (running sum)",
             "layers": "global = mean over layers after upsampling",
             **attention.settings.to_dict(),
@@ -111,3 +114,17 @@ def save_image_with_maps(image: Image.Image, attention: ImageAttention | None, i
         **extra,
     }
     write_maps(folder, {k: v.float().numpy() for k, v in arrays.items()}, manifest)
+
+
+def save_pair(source: Path, edited: Path, pair: Path, source_prompt: str, edited_prompt: str) -> None:
+    """One picture of an edit: the source's grid over the edit's (image and word maps), or with no maps
+    the two images side by side."""
+    grids = [attn_folder(path) / "grid.png" for path in (source, edited)]
+    if all(grid.is_file() for grid in grids):
+        rows = [labelled(Image.open(grid).convert("RGB"), text) for grid, text in zip(grids, ("source: " + source_prompt, "edit: " + edited_prompt))]
+        picture = tile(rows, columns=1)
+    else:
+        images = [Image.open(path).convert("RGB").resize((DISPLAY_SIZE, DISPLAY_SIZE), Image.NEAREST) for path in (source, edited)]
+        picture = tile([labelled(images[0], source_prompt), labelled(images[1], edited_prompt)], columns=2)
+    pair.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(pair)

@@ -4,7 +4,9 @@ written and read back (by the exporter, the viewer and the evaluation). numpy on
     <name>.png                 the image
     <name>.attn/manifest.json  prompt, tokens, token -> word, special tokens, layers, steps, settings
     <name>.attn/maps.npz       float32 arrays, each (tokens or words, S, S): global (T, S, S) per kept
-                               token, words (W, S, S), layer/<layer name> (T, S, S), step/<index> (T, S, S)
+                               token, words (W, S, S), layer/<layer name> (T, S, S), step/<index> (T, S, S),
+                               and with --head-maps layer/<layer name>/head<k> (T, S, S) for each head k
+                               of each layer in the manifest's heads_saved ({layer name: heads})
 
 (The pictures in <name>.attn/ -- grid.png, words/NN_<word>.png -- are for people; diffusion.maps.export.)
 """
@@ -70,6 +72,7 @@ def read_arrays(attn: Path, manifest: dict, only: tuple[str, ...] | None = None)
     needed = ["global", "words"]
     needed += [f"layer/{name}" for name in manifest.get("layers_saved", [])]
     needed += [f"step/{index}" for index in manifest.get("snapshot_steps", [])]
+    needed += [f"layer/{name}/head{k}" for name, heads in manifest.get("heads_saved", {}).items() for k in range(heads)]
     needed = [key for key in needed if only is None or key in only]
     try:
         with np.load(path) as stored:

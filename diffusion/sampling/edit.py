@@ -46,13 +46,7 @@ class Alignment:
     matrix: torch.Tensor  # (T, T): row j weights the source tokens edited token j takes its map from
     aligned: torch.Tensor  # (T,) bool: the edited tokens that take a map from the source
     source_word: dict[int, int]  # edited word index -> the source word it is aligned with
-
-    def describe(self, source: PromptTokens, edited: PromptTokens) -> list[str]:
-        """One line per edited word: 'red <- red', 'star <- circle', 'small (new)'."""
-        return [
-            f"{word} <- {source.words[self.source_word[w]]}" if w in self.source_word else f"{word} (new)"
-            for w, word in enumerate(edited.words)
-        ]
+    described: list[str]  # one line per edited word: 'red <- red', 'star <- circle', 'small (new)'
 
 
 def align(source: PromptTokens, edited: PromptTokens, max_length: int) -> Alignment:
@@ -69,15 +63,19 @@ def align(source: PromptTokens, edited: PromptTokens, max_length: int) -> Alignm
             matrix[j, sources] = 1.0 / len(sources)
     matrix[edited.start_token, source.start_token] = 1.0
     matrix[edited.end_token, source.end_token] = 1.0
-    return Alignment(matrix, matrix.sum(dim=1) > 0, pairs)
+    described = [
+        f"{word} <- {source.words[pairs[w]]}" if w in pairs else f"{word} (new)" for w, word in enumerate(edited.words)
+    ]
+    return Alignment(matrix, matrix.sum(dim=1) > 0, pairs, described)
 
 
-def word_tokens(tokens: PromptTokens, word: str, flag: str) -> list[int]:
-    """The token indices of every occurrence of `word` in the prompt; a clear message if it has none."""
+def word_tokens(tokens: PromptTokens, word: str, given: str) -> list[int]:
+    """The token indices of every occurrence of `word` in the prompt; a clear message naming the flag as
+    `given` if it has none."""
     indices = [i for w, text in enumerate(tokens.words) if text.lower() == word.lower() for i in tokens.token_indices(w)]
     if not indices:
         raise EditSettingsError(
-            f"{flag} {word}=...: the prompt {tokens.prompt!r} has no word {word!r}; its words are: {', '.join(tokens.words)}"
+            f"{given}: the prompt {tokens.prompt!r} has no word {word!r}; its words are: {', '.join(tokens.words)}"
         )
     return indices
 
@@ -96,7 +94,7 @@ class PromptToPrompt(SamplingHook):
         for b, (alignment, tokens) in enumerate(zip(self.alignments, edits)):
             until[b] = alignment.aligned.long() * math.ceil(settings.cross_replace * num_steps)
             for word, fraction in settings.cross_replace_words:
-                indices = word_tokens(tokens, word, "--cross-replace")
+                indices = word_tokens(tokens, word, f"--cross-replace {word}={fraction:g}")
                 if not alignment.aligned[indices].all():
                     raise EditSettingsError(
                         f"--cross-replace {word}={fraction:g}: {word!r} is new in {tokens.prompt!r} (no word of the source "
@@ -104,7 +102,7 @@ class PromptToPrompt(SamplingHook):
                     )
                 until[b, indices] = math.ceil(fraction * num_steps)
             for word, weight in settings.reweight:
-                self.weights[b, word_tokens(tokens, word, "--reweight")] = weight
+                self.weights[b, word_tokens(tokens, word, f"--reweight {word}={weight:g}")] = weight
         self.until = until
         self.cross_steps = int(until.max())  # no step from this one on injects a map
         self.reweighted = bool((self.weights != 1).any())

@@ -10,10 +10,10 @@ from tqdm.auto import tqdm
 
 from diffusion.errors import UserError
 from diffusion.maps.aggregate import MapSettings
-from diffusion.maps.export import save_image_with_maps, slug
+from diffusion.maps.export import save_image_with_maps, save_pair, slug
 from diffusion.maps.format import attn_folder
 from diffusion.sampling.pipeline import TextToImagePipeline
-from diffusion.sampling.settings import SamplerSettings
+from diffusion.sampling.settings import EditSettings, SamplerSettings
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,33 @@ class Job:
     @property
     def file_name(self) -> str:
         return f"{slug(self.prompt)}_seed{self.seed}.png"
+
+
+@dataclass(frozen=True)
+class EditJob:
+    """A prompt, its edited prompt (the prompt itself for a re-weight alone) and the seed of both."""
+
+    prompt: str
+    edited: str
+    seed: int
+
+    @property
+    def source_name(self) -> str:
+        return Job(self.prompt, self.seed).file_name
+
+    @property
+    def file_name(self) -> str:
+        """<prompt>_seed<N>_to_<edited prompt>.png, or <prompt>_seed<N>_reweighted.png"""
+        tail = "reweighted" if self.edited == self.prompt else f"to_{slug(self.edited)}"
+        return f"{slug(self.prompt)}_seed{self.seed}_{tail}.png"
+
+    @property
+    def pair_name(self) -> str:
+        """The side-by-side picture, in the folder's pairs/ (so that it is not taken for a sample)."""
+        return f"{PAIRS_FOLDER}/{self.file_name}"
+
+
+PAIRS_FOLDER = "pairs"
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -76,11 +103,12 @@ def plan_jobs(prompts: list[str], seeds: list[int]) -> list[Job]:
     return [Job(prompt, seed) for prompt in prompts for seed in seeds]
 
 
-def check_outputs_free(jobs: list[Job], out_dir: Path, overwrite: bool) -> None:
-    """Refuse to overwrite earlier images (or their maps) unless asked to."""
+def check_outputs_free(jobs: list[Job] | list[EditJob], out_dir: Path, overwrite: bool) -> None:
+    """Refuse to overwrite earlier images (or their maps, or an edit's pair picture) unless asked to."""
     if overwrite:
         return
-    taken = [j.file_name for j in jobs if (out_dir / j.file_name).exists() or attn_folder(out_dir / j.file_name).exists()]
+    names = [name for j in jobs for name in ([j.source_name, j.file_name, j.pair_name] if isinstance(j, EditJob) else [j.file_name])]
+    taken = [name for name in dict.fromkeys(names) if (out_dir / name).exists() or attn_folder(out_dir / name).exists()]
     if taken:
         raise UserError(
             f"{len(taken)} output(s) already exist in {out_dir} (e.g. {taken[0]}); choose another --out, "
@@ -118,5 +146,45 @@ def generate(
             extra = {"seed": job.seed, **settings.manifest(), "negative_prompt": negative_prompt, **(extra_manifest or {})}
             save_image_with_maps(output.images[k], attention, path, extra)
             written.append(path)
+    steps_bar.close()
+    return written
+
+
+def generate_edits(
+    pipe: TextToImagePipeline,
+    jobs: list[EditJob],
+    out_dir: Path,
+    settings: SamplerSettings,
+    edit: EditSettings,
+    batch_size: int,
+    negative_prompt: str = "",
+    maps: MapSettings | None = None,
+    extra_manifest: dict | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Sample each job's prompt and its edit side by side (pipe.edit), in batches of `batch_size` pairs, and write
+    both images (with maps when `maps` is set; each manifest records the edit) and the pair's picture."""
+    (out_dir / PAIRS_FOLDER).mkdir(parents=True, exist_ok=True)
+    written = []
+    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    steps_bar = tqdm(total=len(batches) * settings.steps, desc="editing", unit="step", disable=not progress)
+    for batch in batches:
+        output = pipe.edit(
+            [j.prompt for j in batch], [j.edited for j in batch], [j.seed for j in batch], edit, settings,
+            negative_prompt=negative_prompt, return_attention=maps is not None, map_settings=maps,
+            callback=lambda i, t: steps_bar.update(1),
+        )
+        for k, job in enumerate(batch):
+            common = {"seed": job.seed, **settings.manifest(), "negative_prompt": negative_prompt, **(extra_manifest or {})}
+            records = {
+                job.source_name: {"role": "source", "edited_image": job.file_name, "edited_prompt": job.edited},
+                job.file_name: {"role": "edited", "source_image": job.source_name, "source_prompt": job.prompt,
+                                "alignment": output.alignments[k].described, **edit.manifest()},
+            }
+            for name, result in ((job.source_name, output.source), (job.file_name, output.edited)):
+                attention = result.attention[k] if result.attention is not None and job.prompt else None
+                save_image_with_maps(result.images[k], attention, out_dir / name, {**common, "edit": records[name]})
+                written.append(out_dir / name)
+            save_pair(out_dir / job.source_name, out_dir / job.file_name, out_dir / job.pair_name, job.prompt, job.edited)
     steps_bar.close()
     return written

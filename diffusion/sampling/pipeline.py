@@ -216,6 +216,7 @@ class TextToImagePipeline(DiffusionPipeline):
                     tokens=tokens,
                     global_map=maps.global_map[b, kept],
                     layers={name: m[b, kept] for name, m in maps.layers.items()},
+                    heads={name: m[b, :, kept] for name, m in maps.heads.items()},
                     snapshots={i: m[b, kept] for i, m in maps.snapshots.items()},
                     snapshot_images={i: to_pil(x0[b : b + 1])[0] for i, x0 in maps.denoised.items()},
                     steps_aggregated=maps.steps_aggregated,

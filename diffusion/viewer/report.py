@@ -7,6 +7,7 @@
 It reads what the sampler writes (diffusion/maps/format.py): <name>.png beside <name>.attn/ holding
 manifest.json and maps.npz. A run folder (or its validation/) holds validation/step_NNNNNN/<name>.png + .attn/,
 one folder per validation; its page gets a slider over training steps per validation prompt.
+A prompt-to-prompt edit (sample.py --edit) is one card: the source image and its edit side by side.
 
 Everything goes inline into one file (images as PNG data URIs, maps as base64 little-endian float32),
 so the page works from file:// with no server and no network. The page is template.html;
@@ -61,6 +62,7 @@ def read_sample(image: Path) -> dict:
         end_token=manifest["end_token"],
         dropped_words=manifest.get("dropped_words", ""),
         layers={name: manifest["layers"].get(name) for name in manifest.get("layers_saved", [])},
+        heads=dict(manifest.get("heads_saved") or {}),  # layer -> number of heads whose own maps were saved
         num_layers=len(manifest.get("layers", {})),
         snapshot_steps=manifest.get("snapshot_steps", []),
         snapshot_images=[png_data_uri(path) for path in step_images(attn, manifest)],
@@ -104,13 +106,38 @@ def no_maps_error(folder: Path) -> UserError:
     )
 
 
+def edit_of(image: Path) -> dict | None:
+    """The `edit` record of an image's manifest (sample.py --edit), or None for a plain sample."""
+    attn = image.with_suffix(".attn")
+    return read_manifest(attn).get("edit") if attn.is_dir() else None
+
+
+def pair_card(source_image: Path, edited_image: Path) -> dict:
+    """One card of a prompt-to-prompt edit: the source and its edited image side by side, with the edit's
+    settings and word alignment as the edited image's manifest records them."""
+    return {"pair": [read_sample(source_image), read_sample(edited_image)], "edit": edit_of(edited_image)}
+
+
+def sample_cards(images: list[Path]) -> list[dict]:
+    """One card per image, except that an edited image and its source make one pair card (where the edited
+    image stands); a source shows in each of its pairs, and alone only when none of its edits is there."""
+    sources = {}  # edited image -> its source, where both are in the folder
+    for image in images:
+        edit = edit_of(image) or {}
+        source = image.parent / Path(str(edit.get("source_image", ""))).name
+        if edit.get("role") == "edited" and source != image and source in images:
+            sources[image] = source
+    paired = set(sources.values())
+    return [pair_card(sources[image], image) if image in sources else {"samples": [read_sample(image)]}
+            for image in images if image not in paired]
+
+
 def collect(folder: str | Path) -> dict:
-    """The page's data: one card per image, or per validation prompt across a run's training steps."""
+    """The page's data: one card per image (per edit pair), or per validation prompt across a run's training steps."""
     folder = Path(folder)
     images = sample_images(folder) if folder.is_dir() else []
     if images:
-        cards = [{"samples": [read_sample(image)]} for image in images]
-        return {"kind": "samples", "title": folder.name, "folder": str(folder), "cards": cards}
+        return {"kind": "samples", "title": folder.name, "folder": str(folder), "cards": sample_cards(images)}
     steps = [(step, sample_images(path)) for step, path in validation_folders(folder)]
     steps = [(step, images) for step, images in steps if images]
     if not steps:

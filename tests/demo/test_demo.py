@@ -1,5 +1,6 @@
-"""The live demo: each request gives sample.py's images and maps in the viewer's page, bad input gets the CLI's
-message, and in a real browser hovering a word overlays the map sample.py saved for the same prompt and seed."""
+"""The live demo: each request gives sample.py's images and maps in the viewer's page (an edit as sample.py --edit's
+pair), bad input gets the CLI's message, and in a real browser hovering a word overlays the map sample.py saved for
+the same prompt and seed."""
 
 import json
 import queue
@@ -16,12 +17,13 @@ from PIL import Image
 from browser import assert_shows, canvas_pixels, launch_chromium
 from conftest import ROOT
 from diffusion.errors import UserError
-from diffusion.sampling.settings import SamplerSettings
+from diffusion.sampling.settings import EditSettings, SamplerSettings
 
 pytest.importorskip("gradio", reason='the demo needs gradio (pip install -e ".[demo]")')
-from diffusion.demo import Demo, snapshot_every  # noqa: E402
+from diffusion.demo import Demo, edit_settings, snapshot_every  # noqa: E402
 
 PROMPT, COMPARE, SEED, STEPS = "a red circle left of a blue square", "a red circle right of a blue square", 3, 4
+EDITED = "a red star left of a blue square"  # sampled as an edit of PROMPT, with red re-weighted by 2
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +40,27 @@ def saved(finished_run, tmp_path_factory):
     return out
 
 
-def saved_sample(saved, prompt):
-    attn = next(saved.glob(f"{re.sub(r'[^a-z0-9]+', '-', prompt)}_seed{SEED}.attn"))
+@pytest.fixture(scope="module")
+def saved_edit(finished_run, tmp_path_factory):
+    """What sample.py --edit writes for PROMPT -> EDITED with the demo's seed and snapshot steps."""
+    out = tmp_path_factory.mktemp("demo") / "edit"
+    command = [
+        sys.executable, "sample.py", "--device", "cpu", "--model", str(finished_run), "--prompt", PROMPT, "--edit", EDITED,
+        "--reweight", "red=2", "--seeds", str(SEED), "--steps", str(STEPS), "--maps-every", str(snapshot_every(STEPS)),
+        "--out", str(out), "--no-progress",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def saved_sample(saved, prompt, tail=""):
+    attn = next(saved.glob(f"{re.sub(r'[^a-z0-9]+', '-', prompt)}_seed{SEED}{tail}.attn"))
     return attn, json.loads((attn / "manifest.json").read_text()), np.load(attn / "maps.npz")
+
+
+def edited_tail(edited: str) -> str:
+    return f"_to_{re.sub(r'[^a-z0-9]+', '-', edited)}"
 
 
 def page_data(page: str) -> dict:
@@ -65,6 +85,47 @@ def test_a_request_gives_sample_pys_images_and_maps_in_the_viewers_page(demo, sa
             shown = np.frombuffer(__import__("base64").b64decode(record["maps"][key]), dtype="<f4")
             np.testing.assert_allclose(shown.reshape(maps[key].shape), maps[key], atol=1e-5)
         assert len(record["snapshot_images"]) == 4
+
+
+def test_an_edit_gives_sample_pys_edit_pair_as_one_card(demo, saved_edit):
+    edit = EditSettings(reweight=(("red", 2.0),))
+    page, notes = demo.page(PROMPT, EDITED, SEED, SamplerSettings(steps=STEPS), edit=edit)
+    (card,) = page_data(page)["cards"]
+    assert notes == [] and [record["prompt"] for record in card["pair"]] == [PROMPT, EDITED]
+    for record, tail in zip(card["pair"], ["", edited_tail(EDITED)]):
+        attn, manifest, maps = saved_sample(saved_edit, PROMPT, tail)
+        assert record["file"] == manifest["image"] and record["words"] == manifest["words"]
+        for key in ("words", "global", "step/0", f"layer/{manifest['layers_saved'][0]}"):
+            shown = np.frombuffer(__import__("base64").b64decode(record["maps"][key]), dtype="<f4")
+            np.testing.assert_allclose(shown.reshape(maps[key].shape), maps[key], atol=1e-5)
+    assert card["edit"] == manifest["edit"] and card["edit"]["reweight"] == {"red": 2.0}
+    assert "star <- circle" in card["edit"]["alignment"]
+
+
+def test_an_edit_without_a_second_prompt_re_weights_the_prompt(demo):
+    page, _ = demo.page(PROMPT, "", 0, SamplerSettings(steps=1), edit=EditSettings(reweight=(("blue", 0.5),)))
+    source, edited = page_data(page)["cards"][0]["pair"]
+    assert source["prompt"] == edited["prompt"] == PROMPT and edited["file"].endswith("_reweighted.png")
+
+
+@pytest.mark.parametrize("form, message", [
+    ((True, 1.5, 0.4, ""), "--cross-replace 1.5: a fraction of the sampling steps must lie in [0, 1]"),
+    ((True, 0.8, -0.1, ""), "--self-replace -0.1: a fraction of the sampling steps must lie in [0, 1]"),
+    ((True, 0.8, 0.4, "red"), "--reweight 'red': write WORD=NUMBER"),
+    ((False, 0.8, 0.4, "red=2"), 'tick "edit"'),
+])
+def test_bad_edit_fields_get_the_clis_message(form, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        edit_settings(*form)
+
+
+def test_an_edit_the_prompts_cannot_take_is_refused(demo):
+    with pytest.raises(UserError, match="has no word 'green'"):
+        demo.page(PROMPT, EDITED, 0, SamplerSettings(steps=1), edit=EditSettings(reweight=(("green", 2.0),)))
+    with pytest.raises(UserError, match="an edit needs the edited prompt"):
+        demo.page(PROMPT, " ", 0, SamplerSettings(steps=1), edit=EditSettings())
+    with pytest.raises(UserError, match="the empty prompt has no attention maps"):
+        demo.page("", EDITED, 0, SamplerSettings(steps=1), edit=EditSettings())
 
 
 def test_the_sampler_notes_reach_the_page(demo):
@@ -188,3 +249,27 @@ def test_bad_input_gets_the_clis_message_and_requests_queue(browser, app_url):
         card.first.wait_for(timeout=60_000)
         assert card.count() == 1 and card.locator("button.chip[data-word]").all_inner_texts() == prompt.split()
         assert page.problems == []
+
+
+def test_an_edit_shows_the_pair_with_its_header(browser, app_url, saved_edit):
+    page = open_app(browser, app_url)
+    page.locator("#as-edit input").check()
+    fill(page, "cross-replace", 1.5)
+    page.locator("#generate").click()
+    page.get_by_text("--cross-replace 1.5: a fraction of the sampling steps must lie in [0, 1]").wait_for(timeout=30_000)
+    fill(page, "cross-replace", 0.8)
+    for field, value in (("prompt", PROMPT), ("compare", EDITED), ("seed", SEED), ("steps", STEPS), ("reweight", "red=2")):
+        fill(page, field, value)
+    page.locator("#generate").click()
+    card = page.frame_locator("#view iframe").locator("section.card.pair")
+    card.wait_for(timeout=60_000)
+    header = card.locator(".editHead").inner_text()
+    assert f"edit: {PROMPT} \u2192 {EDITED}" in header and "star \u2190 circle" in header and '"red" \u00d72' in header
+    panels = card.locator(".panel")
+    assert panels.count() == 2 and card.locator("canvas.picture").count() == 2
+    for k, tail in enumerate(["", edited_tail(EDITED)]):  # each image with its own words and saved maps
+        attn, manifest, maps = saved_sample(saved_edit, PROMPT, tail)
+        assert panels.nth(k).locator("button.chip[data-word]").all_inner_texts() == manifest["words"]
+        panels.nth(k).locator('button.chip[data-word="2"]').hover()
+        assert_shows(panels.nth(k), maps["words"][2])
+    assert page.problems == []

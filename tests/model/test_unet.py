@@ -122,3 +122,47 @@ def test_a_controller_replaces_what_the_layer_attends_with():
     other_text[:, 1:] = torch.randn_like(other_text[:, 1:])
     torch.testing.assert_close(run(unet, x, t, other_text, mask, recorder=first_token_only), controlled)
     assert not torch.allclose(run(unet, x, t, other_text, mask), plain)
+
+def test_padding_tokens_do_not_affect_output():
+    unet = trained_like_unet()
+    x, t, context, mask = random_inputs()
+    changed = context.clone()
+    changed[0, 4:] += 100.0  # only the masked positions of row 0
+    torch.testing.assert_close(run(unet, x, t, context, mask)[0], run(unet, x, t, changed, mask)[0])
+
+
+def test_text_conditioning_reaches_the_output():
+    unet = trained_like_unet()
+    x, t, context, mask = random_inputs()
+    other = context.clone()
+    other[2, 0] += 1.0
+    assert not torch.allclose(run(unet, x, t, context, mask)[2], run(unet, x, t, other, mask)[2])
+
+
+def test_pooled_text_is_the_end_token_state():
+    x, t, context, mask = random_inputs()
+    assert torch.equal(end_token_states(context, mask), context[[0, 1, 2], [3, 1, 6]])  # last unmasked tokens
+    # Without cross-attention the text can only enter through the pooled end token.
+    unet = trained_like_unet(pooled_text=True, cross_attention_resolutions=())
+    end_changed, first_changed = context.clone(), context.clone()
+    end_changed[1, 1] += 1.0  # row 1's end token
+    first_changed[1, 0] += 1.0  # row 1's start token
+    base = run(unet, x, t, context, mask)
+    assert not torch.allclose(base[1], run(unet, x, t, end_changed, mask)[1])
+    torch.testing.assert_close(base, run(unet, x, t, first_changed, mask))
+
+
+def test_save_load_round_trip(tmp_path):
+    unet = trained_like_unet()
+    unet.save_pretrained(tmp_path / "unet")
+    assert (tmp_path / "unet" / "config.json").is_file()
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = UNet.from_pretrained(tmp_path / "unet").eval()
+    x, t, context, mask = random_inputs()
+    torch.testing.assert_close(run(unet, x, t, context, mask), run(loaded, x, t, context, mask), atol=0, rtol=0)
+    assert loaded.cross_attention_layers == unet.cross_attention_layers
+
+
+def test_missing_attention_resolution_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"cross_attention_resolutions asks for \[4\].*choose from \[16, 8\]"):
+        UNet(**{**TINY, "cross_attention_resolutions": (4,)})

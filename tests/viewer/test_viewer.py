@@ -14,7 +14,7 @@ from PIL import Image
 
 from diffusion.errors import UserError
 from diffusion.maps.format import write_maps
-from diffusion.viewer.report import DATA_PLACEHOLDER, build_report, collect, main, render
+from diffusion.viewer.report import DATA_PLACEHOLDER, build_report, collect, main, pair_card, render
 
 from browser import assert_shows, canvas_pixels, launch_chromium, shown_map
 from conftest import ROOT
@@ -114,6 +114,27 @@ def test_a_run_folder_gives_one_card_per_validation_prompt_over_training_steps(t
     assert build_report(run).parent == run
 
 
+def edit_record(source: Path, source_prompt: str) -> dict:
+    """The `edit` of an edited image's manifest, as sample.py --edit writes it."""
+    return {"role": "edited", "source_image": source.name, "source_prompt": source_prompt, "alignment": ["a <- a"],
+            "cross_replace": 0.8, "self_replace": 0.4, "cross_replace_words": {}, "reweight": {"red": 2.0}}
+
+
+def test_an_edit_and_its_source_make_one_pair_card(tmp_path):
+    source = write_sample(tmp_path, "a red circle")
+    star = write_sample(tmp_path, "a red star", edit=edit_record(source, "a red circle"))
+    big = write_sample(tmp_path, "a big red circle", edit=edit_record(source, "a red circle"))
+    lonely = write_sample(tmp_path, "a blue square", edit={"role": "source", "edited_image": "gone.png", "edited_prompt": "x"})
+    orphan = write_sample(tmp_path, "a green star", edit=edit_record(tmp_path / "gone_seed0.png", "gone"))
+    cards = collect(tmp_path)["cards"]
+    # In file order, each edit where it stands; the source in both of its pairs and never alone.
+    assert [[r["file"] for r in c.get("pair") or c["samples"]] for c in cards] == [
+        [source.name, big.name], [lonely.name], [orphan.name], [source.name, star.name],
+    ]
+    assert cards[0] == pair_card(source, big) and cards[0]["edit"] == edit_record(source, "a red circle")
+    assert all(r["heads"] == {} for c in cards for r in c.get("pair") or c["samples"])  # no head maps in these files
+
+
 # --- Bad folders: say what is wrong and how to fix it ------------------------------------------------
 
 
@@ -194,6 +215,45 @@ def samples(finished_run, tmp_path_factory):
     assert result.returncode == 0, result.stderr
     assert (out / "report.html").is_file()
     return out
+
+
+EDIT_PROMPT, EDITED = "a red circle left of a blue square", "a red star left of a blue square"
+
+
+@pytest.fixture(scope="module")
+def edit_samples(finished_run, tmp_path_factory):
+    """A prompt and its edit sampled by sample.py --edit with each head's maps, and its report.html."""
+    out = tmp_path_factory.mktemp("viewer") / "edit"
+    result = subprocess.run(
+        [
+            sys.executable, "sample.py", "--device", "cpu", "--model", str(finished_run), "--prompt", EDIT_PROMPT,
+            "--edit", EDITED, "--reweight", "red=2", "--seeds", "0", "--steps", "2", "--head-maps", "--out", str(out),
+            "--html", "--no-progress",
+        ],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def attn_of(folder: Path, name: str) -> tuple[dict, dict]:
+    attn = folder / f"{name}.attn"
+    return json.loads((attn / "manifest.json").read_text()), np.load(attn / "maps.npz")
+
+
+def test_sample_py_edit_gives_one_pair_card_with_both_records_and_the_edit(edit_samples):
+    data = collect(edit_samples)
+    assert len(data["cards"]) == 1
+    card = data["cards"][0]
+    source, edited = card["pair"]
+    assert (source["prompt"], edited["prompt"]) == (EDIT_PROMPT, EDITED)
+    manifest, maps = attn_of(edit_samples, edited["name"])
+    assert card["edit"] == manifest["edit"] and card["edit"]["reweight"] == {"red": 2.0}
+    assert "star <- circle" in card["edit"]["alignment"] and card["edit"]["source_image"] == source["file"]
+    assert edited["heads"] == manifest["heads_saved"] and manifest["heads_saved"]
+    layer, heads = next(iter(manifest["heads_saved"].items()))
+    key = f"layer/{layer}/head{heads - 1}"
+    np.testing.assert_array_equal(floats(edited["maps"][key], maps[key].shape), maps[key])
 
 
 @pytest.fixture(scope="module")
@@ -332,3 +392,49 @@ def test_the_page_names_a_map_it_lacks_instead_of_showing_nothing(open_page, tmp
     caption = card.locator(".caption").inner_text()
     assert "Missing map" in caption and str(tmp_path / "a-red-circle_seed0.attn" / "maps.npz") in caption
     assert "layer/up.1.0.cross_attn" in caption and not card.locator("canvas.overlay").is_visible()
+
+
+def test_an_edit_page_shows_the_pair_and_each_heads_saved_map(edit_samples, open_page, tmp_path):
+    page = open_page(edit_samples / "report.html")
+    card = page.locator("section.card.pair")
+    assert page.locator("section.card").count() == 1
+    header = card.locator(".editHead").inner_text()
+    assert f"edit: {EDIT_PROMPT} \u2192 {EDITED}" in header and "star \u2190 circle" in header
+    assert "cross-replace 0.8" in header and "self-replace 0.4" in header and '"red" \u00d72' in header
+    names = [p.stem for p in sorted(edit_samples.glob("*.png"))]  # the source, then its edit
+    panels = card.locator(".panel")
+    for k, name in enumerate(names):  # both images side by side, each with its own words
+        manifest, _ = attn_of(edit_samples, name)
+        assert_picture(panels.nth(k), edit_samples / f"{name}.png", step="final")
+        assert panels.nth(k).locator("button.chip[data-word]").all_inner_texts() == manifest["words"]
+
+    # The head menu: off for the global map, then a layer's heads; head k shows layer/<name>/head<k>.
+    panel = panels.nth(1)
+    manifest, maps = attn_of(edit_samples, names[1])
+    heads = panel.locator("select.head")
+    assert heads.is_disabled() and "choose a layer" in heads.get_attribute("title")
+    layer, n = max(manifest["heads_saved"].items(), key=lambda item: item[1])
+    panel.locator("select.layer").select_option(layer)
+    assert not heads.is_disabled() and heads.locator("option").all_inner_texts() == ["mean of heads", *(f"head {k}" for k in range(n))]
+    star = manifest["words"].index("star")
+    panel.locator(f'button.chip[data-word="{star}"]').click()
+    for k in range(n):
+        heads.select_option(str(k))
+        assert_shows(panel, word_map(maps, f"layer/{layer}/head{k}", manifest["word_of_token"], star))
+        assert f"{layer} head {k}" in panel.locator(".caption").inner_text()
+    heads.select_option("mean")
+    assert_shows(panel, word_map(maps, f"layer/{layer}", manifest["word_of_token"], star))
+    # The other image's hover is its own: nothing shown there until one of its words is chosen.
+    assert not panels.nth(0).locator("canvas.overlay").is_visible()
+    page.screenshot(path=str(tmp_path / "edit.png"), full_page=True)
+    print(f"screenshot: {tmp_path / 'edit.png'}")
+
+
+def test_files_without_head_maps_keep_the_head_menu_off_and_say_why(open_page, tmp_path):
+    write_sample(tmp_path, "a red circle")
+    card = open_page(build_report(tmp_path)).locator("section.card")
+    card.locator("select.layer").select_option("up.1.0.cross_attn")
+    heads = card.locator("select.head")
+    assert heads.is_disabled() and "--head-maps" in heads.get_attribute("title")
+    card.locator('button.chip[data-word="1"]').hover()
+    assert "Missing" not in card.locator(".caption").inner_text() and card.locator("canvas.overlay").is_visible()
