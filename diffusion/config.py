@@ -98,6 +98,9 @@ class TrainConfig:
     # "auto": bf16 where the hardware computes it natively (a CPU with AVX-512/AMX, a GPU that supports it;
     # fp16 on an older GPU), else fp32. "no" (fp32), "bf16" or "fp16" (on a GPU only) force one.
     mixed_precision: str = "auto"
+    # Where the scalars and validation grids go (diffusion.training.trackers): tensorboard, wandb, comet_ml, mlflow,
+    # trackio (several joined by commas), all (every one installed) or none. All but tensorboard are extras.
+    report_to: str = "tensorboard"
     caption_dropout: float = ranged(0.1, ge=0, lt=1)
     # Weight of the grounding loss (diffusion.training.grounding): each caption word's cross-attention kept on the
     # object it names. Needs masks and word_objects in the dataset (the shapes dataset has them); 0: off.

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from diffusion.config import Config, ConfigError, load_config
+from diffusion.data.hub import is_hub_id
 from diffusion.data.shapes import dataset_info, shapes_dir
 from diffusion.errors import UserError
 
@@ -33,7 +34,10 @@ class ModelLoadError(UserError, OSError):
 
 
 def find_model_dir(path: str | Path) -> Path:
-    """A run folder (holding model/) or an exported model folder itself."""
+    """A run folder (holding model/), an exported model folder itself, or a Hub id (owner/name) of one,
+    downloaded into the Hugging Face cache (read from there when offline)."""
+    if is_hub_id(str(path)):
+        return download_model(str(path))
     path = Path(path)
     for candidate in (path / MODEL_DIR, path):
         if (candidate / MODEL_INDEX_FILE).is_file():
@@ -49,8 +53,27 @@ def find_model_dir(path: str | Path) -> Path:
     )
 
 
+def download_model(repo_id: str) -> Path:
+    """The Hub model repository `repo_id` as a local folder (huggingface_hub's cache), or a ModelLoadError."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"--model {repo_id}: no such model on the Hugging Face Hub (nor a folder of that name here)") from None
+    except LocalEntryNotFoundError as error:  # offline, or the Hub unreachable, and no copy in the cache
+        raise ModelLoadError(
+            f"--model {repo_id}: cannot download it from the Hugging Face Hub and the cache holds no copy ({error}); "
+            "connect, or pass the path of a model folder"
+        ) from None
+
+
 def run_name(model_dir: Path) -> str:
-    """outputs/runs/<name>/model -> <name>; any other model folder -> its own name."""
+    """outputs/runs/<name>/model -> <name>; a Hub model in the cache (models--owner--name/snapshots/<commit>)
+    -> name; any other model folder -> its own name."""
+    if model_dir.parent.name == "snapshots" and model_dir.parent.parent.name.startswith("models--"):
+        return model_dir.parent.parent.name.split("--")[-1]
     return model_dir.parent.name if model_dir.name == MODEL_DIR else model_dir.name
 
 

@@ -12,7 +12,7 @@ LAYERS = [
     {"data"},
     {"text"},
     {"model"},
-    {"config", "runs"},
+    {"config", "runs", "card"},
     {"maps"},
     {"sampling"},
     {"training"},

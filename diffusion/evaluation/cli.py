@@ -63,7 +63,8 @@ from diffusion.evaluation.localisation import (
     read_masks_file,
 )
 from diffusion.evaluation.prompts import RELATION_MARGIN_PX, EvalPrompt, build_tasks
-from diffusion.evaluation.report import failure_grid, markdown
+from diffusion.evaluation.report import card_markdown, failure_grid, markdown
+from diffusion.card import write_evaluation
 from diffusion.maps.format import MANIFEST_FILE, attn_folder
 from diffusion.runs import find_model_dir, read_run_config, read_training_info, run_name, shapes_info
 from diffusion.sampling.settings import SamplerSettings
@@ -314,6 +315,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out_dir / "results.md").write_text(markdown(results))
+    write_evaluation(model_dir, card_markdown(results))  # the model card's table
     results["failure_tiles"] = found.failure_tiles
     return results
 

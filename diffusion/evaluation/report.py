@@ -64,6 +64,25 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def card_markdown(results: dict) -> str:
+    """The model card's evaluation section (diffusion.card): results.md without its confusion tables."""
+    s = results["settings"]
+    lines = [
+        f"`python -m diffusion.evaluation`: {s['seeds']} seed(s) per prompt, {s['steps']} {s['scheduler']} steps, guidance "
+        f"{s['guidance']}, layout guidance {s['layout_guidance']}" + (" (quick)" if s["quick"] else "") + f"; {results['images']} images.",
+        "",
+    ]
+    fidelity = results["fidelity"]
+    if fidelity["applies"]:
+        table = fidelity_markdown(fidelity, s["relation_margin_px"])
+        lines += table[: table.index("") + 1]  # the task table, not the confusion tables
+    if results.get("real_data"):
+        lines += real_data_markdown(results["real_data"])
+    for section in results["localisation"]:
+        lines += localisation_markdown(section)
+    return "\n".join(lines)
+
+
 def real_data_markdown(real: dict) -> list[str]:
     """One table per split: R-precision and KID of the generated images beside the real images and baselines."""
     if "skipped" in real:

@@ -29,6 +29,7 @@ from diffusion.training.checkpoints import list_checkpoints, load_checkpoint, re
 from diffusion.training.ema import ema_weights
 from diffusion.training.export import export_model
 from diffusion.training.interrupt import StopOnInterrupt
+from diffusion.training.trackers import chosen_trackers
 from diffusion.training.objective import LossTerms, Objective
 from diffusion.training.progress import LogWindow, TrainingProgress
 from diffusion.training.run_folder import open_run_dir, setup_logging, shared_run_dir
@@ -71,6 +72,7 @@ def train(
     chosen = use_device(device)
     if chosen.index is not None:
         raise DeviceError(f"--device {device}: choose the GPU with CUDA_VISIBLE_DEVICES={chosen.index} and --device cuda")
+    trackers = chosen_trackers(cfg.train.report_to)
     check_can_start(cfg, chosen)
     precision, why = resolve_precision(cfg.train.mixed_precision, chosen)
     accelerator = Accelerator(
@@ -78,7 +80,7 @@ def train(
         # --multi_gpu`) then train over gloo, the backend accelerate takes when told the device is the CPU.
         cpu=chosen.type == "cpu",
         mixed_precision=precision, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        log_with="tensorboard", project_config=ProjectConfiguration(project_dir="."),
+        log_with=trackers or None, project_config=ProjectConfiguration(project_dir="."),
     )
     main = accelerator.is_main_process
     setup_logging(main)
@@ -116,9 +118,12 @@ def train(
                               accelerator.process_index, accelerator.num_processes)
 
     # 4. The loop, then the export of the EMA weights with everything the sampler needs.
+    started, first_step = time.monotonic(), step
     step, stopped = run_steps(session, batches, cfg, run_dir, data, step, progress and main)
     if not stopped:
-        export(session, cfg, run_dir, data, step)
+        record = {"minutes": round((time.monotonic() - started) / 60, 2), "mixed_precision": precision,
+                  "resumed_from_step": first_step}
+        export(session, cfg, run_dir, data, step, record)
     accelerator.end_training()
     return run_dir
 
@@ -222,8 +227,9 @@ def run_steps(
     return step, False
 
 
-def export(s: Session, cfg: Config, run_dir: Path, data: TrainingData, step: int) -> None:
-    """Write run_dir/model from the EMA weights (main process), after checking that every process holds the same."""
+def export(s: Session, cfg: Config, run_dir: Path, data: TrainingData, step: int, record: dict) -> None:
+    """Write run_dir/model from the EMA weights (main process), after checking that every process holds the same;
+    `record`: what the run adds to training_info.json (its minutes, precision, first step)."""
     accelerator = s.accelerator
     accelerator.wait_for_everyone()
     checksums = torch.cat([parameter_checksum(model) for model in s.trained_models])  # (parameters,)
@@ -233,8 +239,9 @@ def export(s: Session, cfg: Config, run_dir: Path, data: TrainingData, step: int
         logger.warning("the %d processes ended with different weights", accelerator.num_processes)
     if accelerator.is_main_process:
         info = {
-            "step": step, "train_dir": str(data.train_dir), "text_encoder_source": data.encoder_source,
+            "step": step, "train_dir": str(data.train_dir), "images": len(data.dataset), "text_encoder_source": data.encoder_source,
             "text_encoder_tuned": s.text.tuned, "processes": accelerator.num_processes, "replicas_identical": replicas_identical,
+            "device": accelerator.device.type, "unet_parameters": sum(p.numel() for p in s.averaged[0][1].parameters()), **record,
         }
         with ema_weights(s.averaged):
             export_dir = export_model(run_dir, cfg, s.averaged[0][1], data.encoder, s.objective.scheduler.config, info)

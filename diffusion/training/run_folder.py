@@ -1,4 +1,4 @@
-"""The run folder: its name, its log, its config, its TensorBoard scalars (its file names: diffusion.runs).
+"""The run folder: its name, its log, its config, its trackers (its file names: diffusion.runs).
 
     outputs/runs/<name>/
         config.yaml    the resolved config          train.log     the log
@@ -12,6 +12,7 @@ no run in the way of the next attempt.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -20,6 +21,7 @@ from accelerate.utils import broadcast_object_list
 from diffusion.config import Config, save_config
 from diffusion.runs import CHECKPOINTS_DIR, CONFIG_FILE, MODEL_DIR
 from diffusion.training.setup import TrainingError
+from diffusion.training.trackers import TrackerError, start_trackers
 
 logger = logging.getLogger("diffusion")
 
@@ -64,20 +66,34 @@ def setup_logging(is_main: bool) -> None:
         logger.addHandler(console)
 
 
-def log_to_file(run_dir: Path) -> None:
+def close_log_file() -> None:
     for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
-        logger.removeHandler(handler)  # a previous run in this process
+        logger.removeHandler(handler)
         handler.close()
+
+
+def log_to_file(run_dir: Path) -> None:
+    close_log_file()  # a previous run's in this process
     handler = logging.FileHandler(run_dir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     logger.addHandler(handler)
 
 
 def open_run_dir(run_dir: Path, cfg: Config, accelerator: Accelerator) -> None:
-    """Create the run folder (main process): the log file, the resolved config, TensorBoard."""
+    """Create the run folder (main process): the log file, the resolved config, the trackers."""
     if accelerator.is_main_process:
+        new = not run_dir.exists()
         run_dir.mkdir(parents=True, exist_ok=True)
         log_to_file(run_dir)
         save_config(cfg, run_dir / CONFIG_FILE)
-        accelerator.init_trackers(str(run_dir / "tensorboard"))
+        try:
+            start_trackers(accelerator, run_dir, cfg)
+        except Exception as error:  # each tracker fails in its own way (no login, no server): say which, leave no run
+            close_log_file()
+            if new:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise TrackerError(
+                f"train.report_to={cfg.train.report_to}: a tracker could not start ({type(error).__name__}: {error}); "
+                "fix that, or choose another tracker (train.report_to=tensorboard, or none)"
+            ) from None
     accelerator.wait_for_everyone()

@@ -1,11 +1,10 @@
 """Validation during training: the validation prompts sampled with the EMA weights, saved with their
-maps (validation/step_NNNNNN/), as one grid (validation/step_NNNNNN.png) and in TensorBoard."""
+maps (validation/step_NNNNNN/), as one grid (validation/step_NNNNNN.png) and to the trackers."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from PIL import Image
@@ -20,6 +19,7 @@ from diffusion.sampling.pipeline import TextToImagePipeline
 from diffusion.sampling.schedulers import make_sampling_scheduler
 from diffusion.sampling.settings import SamplerSettings
 from diffusion.text.encoder import TextEncoder
+from diffusion.training.trackers import log_grid
 
 GRID_SCALE = 4  # validation grids are upscaled this many times (nearest neighbour) for viewing
 OWN_PROMPTS = 6  # captions of a dataset of one's own that stand in for the shapes validation prompts
@@ -52,4 +52,4 @@ def validate(
     grid = tile([Image.open(p).convert("RGB") for p in paths], columns=len(paths))
     grid = grid.resize((grid.width * GRID_SCALE, grid.height * GRID_SCALE), Image.NEAREST)
     grid.save(run_dir / "validation" / f"step_{step:06d}.png")
-    accelerator.get_tracker("tensorboard").writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+    log_grid(accelerator, grid, step)

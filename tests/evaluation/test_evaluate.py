@@ -78,6 +78,20 @@ def test_files_tasks_and_baselines(quick_eval):
     assert (quick_eval / "failures.png").is_file() == any_failed
 
 
+def test_the_evaluation_writes_its_table_into_the_model_card(quick_eval, finished_run):
+    from diffusion.card import CARD_FILE, EVALUATION_END, EVALUATION_START, split_card
+
+    results = json.loads((quick_eval / "results.json").read_text())
+    header, body = split_card((finished_run / "model" / CARD_FILE).read_text())
+    section = body.split(EVALUATION_START)[1].split(EVALUATION_END)[0]
+    assert header["pipeline_tag"] == "text-to-image" and "Not evaluated yet" not in section
+    assert f"| **overall** | mean over the distinct prompt sets (single_object, spatial, size) | **{results['fidelity']['overall']:.3f}** |" in section
+    assert f"1 seed(s) per prompt, 4 ddpm steps, guidance 3.0, layout guidance 0.05 (quick); {results['images']} images" in section
+    for name, task in results["fidelity"]["tasks"].items():
+        assert f"| {task['score']:.3f} | {task['passed']} / {task['images']} |" in section, name
+    assert "asked (row), drawn (column)" not in section  # the confusion tables stay in results.md
+
+
 def test_rerun_reuses_samples_and_refuses_other_settings(finished_run, quick_eval, capsys):
     args = ["--device", "cpu", "--model", str(finished_run), "--quick", "--seeds", "1", "--out", str(quick_eval), "--no-progress"]
     assert main([*args, "--steps", "4"]) == 0
