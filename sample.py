@@ -10,8 +10,9 @@
 Images go to outputs/samples/<run name>/ (or --out) as <prompt>_seed<N>.png, and the maps to
 <prompt>_seed<N>.attn/ (grid.png, words/*.png, maps.npz, manifest.json); --html also writes report.html,
 a page where hovering a word shows its map (python -m diffusion.viewer FOLDER makes one for any folder).
-With --edit (prompt-to-prompt, diffusion/sampling/edit.py) each seed also gives <prompt>_seed<N>_to_<edit>.png
-with its maps, the edit taking the prompt's attention maps, and pairs/<that name>.png, the two side by side.
+With --edit (prompt-to-prompt, diffusion/sampling/edit.py) each seed gives <prompt>_to_<edit>_seed<N>.png and
+<prompt>_to_<edit>_seed<N>_edited.png with their maps, the edit taking the prompt's attention maps, and
+pairs/<prompt>_to_<edit>_seed<N>.png, the two side by side.
 """
 
 from __future__ import annotations

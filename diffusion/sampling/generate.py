@@ -35,19 +35,24 @@ class EditJob:
     seed: int
 
     @property
+    def stem(self) -> str:
+        """<prompt>_to_<edited prompt>_seed<N>, or <prompt>_reweighted_seed<N>: apart from the prompt's own samples."""
+        tail = "reweighted" if self.edited == self.prompt else f"to_{slug(self.edited)}"
+        return f"{slug(self.prompt)}_{tail}_seed{self.seed}"
+
+    @property
     def source_name(self) -> str:
-        return Job(self.prompt, self.seed).file_name
+        return f"{self.stem}.png"
 
     @property
     def file_name(self) -> str:
-        """<prompt>_seed<N>_to_<edited prompt>.png, or <prompt>_seed<N>_reweighted.png"""
-        tail = "reweighted" if self.edited == self.prompt else f"to_{slug(self.edited)}"
-        return f"{slug(self.prompt)}_seed{self.seed}_{tail}.png"
+        """The edited image's."""
+        return f"{self.stem}_edited.png"
 
     @property
     def pair_name(self) -> str:
         """The side-by-side picture, in the folder's pairs/ (so that it is not taken for a sample)."""
-        return f"{PAIRS_FOLDER}/{self.file_name}"
+        return f"{PAIRS_FOLDER}/{self.stem}.png"
 
 
 PAIRS_FOLDER = "pairs"

@@ -54,13 +54,15 @@ def saved_edit(finished_run, tmp_path_factory):
     return out
 
 
-def saved_sample(saved, prompt, tail=""):
-    attn = next(saved.glob(f"{re.sub(r'[^a-z0-9]+', '-', prompt)}_seed{SEED}{tail}.attn"))
+def saved_sample(saved, prompt, tail=f"_seed{SEED}"):
+    attn = next(saved.glob(f"{re.sub(r'[^a-z0-9]+', '-', prompt)}{tail}.attn"))
     return attn, json.loads((attn / "manifest.json").read_text()), np.load(attn / "maps.npz")
 
 
-def edited_tail(edited: str) -> str:
-    return f"_to_{re.sub(r'[^a-z0-9]+', '-', edited)}"
+def edit_tails(edited: str) -> tuple[str, str]:
+    """The source's and the edited image's names after the prompt's (generate.EditJob)."""
+    stem = f"_to_{re.sub(r'[^a-z0-9]+', '-', edited)}_seed{SEED}"
+    return stem, f"{stem}_edited"
 
 
 def page_data(page: str) -> dict:
@@ -92,7 +94,7 @@ def test_an_edit_gives_sample_pys_edit_pair_as_one_card(demo, saved_edit):
     page, notes = demo.page(PROMPT, EDITED, SEED, SamplerSettings(steps=STEPS), edit=edit)
     (card,) = page_data(page)["cards"]
     assert notes == [] and [record["prompt"] for record in card["pair"]] == [PROMPT, EDITED]
-    for record, tail in zip(card["pair"], ["", edited_tail(EDITED)]):
+    for record, tail in zip(card["pair"], edit_tails(EDITED)):
         attn, manifest, maps = saved_sample(saved_edit, PROMPT, tail)
         assert record["file"] == manifest["image"] and record["words"] == manifest["words"]
         for key in ("words", "global", "step/0", f"layer/{manifest['layers_saved'][0]}"):
@@ -105,7 +107,7 @@ def test_an_edit_gives_sample_pys_edit_pair_as_one_card(demo, saved_edit):
 def test_an_edit_without_a_second_prompt_re_weights_the_prompt(demo):
     page, _ = demo.page(PROMPT, "", 0, SamplerSettings(steps=1), edit=EditSettings(reweight=(("blue", 0.5),)))
     source, edited = page_data(page)["cards"][0]["pair"]
-    assert source["prompt"] == edited["prompt"] == PROMPT and edited["file"].endswith("_reweighted.png")
+    assert source["prompt"] == edited["prompt"] == PROMPT and edited["file"].endswith("_reweighted_seed0_edited.png")
 
 
 @pytest.mark.parametrize("form, message", [
@@ -257,7 +259,7 @@ def test_an_edit_shows_the_pair_with_its_header(browser, app_url, saved_edit):
     fill(page, "cross-replace", 1.5)
     page.locator("#generate").click()
     page.get_by_text("--cross-replace 1.5: a fraction of the sampling steps must lie in [0, 1]").wait_for(timeout=30_000)
-    fill(page, "cross-replace", 0.8)
+    fill(page, "cross-replace", EditSettings().cross_replace)  # sample.py's default, as saved_edit sampled it
     for field, value in (("prompt", PROMPT), ("compare", EDITED), ("seed", SEED), ("steps", STEPS), ("reweight", "red=2")):
         fill(page, field, value)
     page.locator("#generate").click()
@@ -267,7 +269,7 @@ def test_an_edit_shows_the_pair_with_its_header(browser, app_url, saved_edit):
     assert f"edit: {PROMPT} \u2192 {EDITED}" in header and "star \u2190 circle" in header and '"red" \u00d72' in header
     panels = card.locator(".panel")
     assert panels.count() == 2 and card.locator("canvas.picture").count() == 2
-    for k, tail in enumerate(["", edited_tail(EDITED)]):  # each image with its own words and saved maps
+    for k, tail in enumerate(edit_tails(EDITED)):  # each image with its own words and saved maps
         attn, manifest, maps = saved_sample(saved_edit, PROMPT, tail)
         assert panels.nth(k).locator("button.chip[data-word]").all_inner_texts() == manifest["words"]
         panels.nth(k).locator('button.chip[data-word="2"]').hover()

@@ -125,16 +125,17 @@ def test_cli_writes_both_images_their_maps_the_pair_and_the_manifest(finished_ru
             "--cross-replace", "0.6", "--cross-replace", "star=1", "--reweight", "red=2", "--out", str(out)]
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr
-    edited = out / "a-red-circle_seed0_to_a-red-star.png"
-    assert (out / "a-red-circle_seed0.png").is_file() and edited.is_file() and (out / "pairs" / edited.name).is_file()
+    source, edited = out / "a-red-circle_to_a-red-star_seed0.png", out / "a-red-circle_to_a-red-star_seed0_edited.png"
+    assert source.is_file() and edited.is_file() and (out / "pairs" / source.name).is_file()
+    assert not (out / "a-red-circle_seed0.png").exists()  # the prompt's own samples keep their names free
     manifest = json.loads((edited.with_suffix(".attn") / "manifest.json").read_text())
     assert manifest["edit"] == {
-        "role": "edited", "source_image": "a-red-circle_seed0.png", "source_prompt": "a red circle",
+        "role": "edited", "source_image": source.name, "source_prompt": "a red circle",
         "alignment": ["a <- a", "red <- red", "star <- circle"], "cross_replace": 0.6, "self_replace": 0.4,
         "cross_replace_words": {"star": 1.0}, "reweight": {"red": 2.0},
     }
-    source = json.loads((out / "a-red-circle_seed0.attn" / "manifest.json").read_text())
-    assert source["edit"]["edited_image"] == edited.name
+    recorded = json.loads((source.with_suffix(".attn") / "manifest.json").read_text())
+    assert recorded["edit"]["edited_image"] == edited.name
     again = run_cli(*args)
     assert again.returncode == 2 and "already exist" in again.stderr
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from diffusion.errors import UserError
 from diffusion.maps.format import write_maps
+from diffusion.sampling.settings import EditSettings
 from diffusion.viewer.report import DATA_PLACEHOLDER, build_report, collect, main, pair_card, render
 
 from browser import assert_shows, canvas_pixels, launch_chromium, shown_map
@@ -400,7 +401,9 @@ def test_an_edit_page_shows_the_pair_and_each_heads_saved_map(edit_samples, open
     assert page.locator("section.card").count() == 1
     header = card.locator(".editHead").inner_text()
     assert f"edit: {EDIT_PROMPT} \u2192 {EDITED}" in header and "star \u2190 circle" in header
-    assert "cross-replace 0.8" in header and "self-replace 0.4" in header and '"red" \u00d72' in header
+    edit = EditSettings()  # sample.py's defaults
+    assert f"cross-replace {edit.cross_replace}" in header and f"self-replace {edit.self_replace}" in header
+    assert '"red" \u00d72' in header
     names = [p.stem for p in sorted(edit_samples.glob("*.png"))]  # the source, then its edit
     panels = card.locator(".panel")
     for k, name in enumerate(names):  # both images side by side, each with its own words
