@@ -60,7 +60,8 @@ def training_table(cfg: Config, info: dict) -> str:
     minutes = f"{info['minutes']:.1f} minutes" if "minutes" in info else "time not recorded"
     resumed = f" (resumed at step {info['resumed_from_step']:,})" if info.get("resumed_from_step") else ""
     text = f"`{cfg.text_encoder.name}`, " + ("tuned with the UNet" if info.get("text_encoder_tuned") else "frozen")
-    parameters = f"{info['unet_parameters'] / 1e6:.2f}M parameters" if "unet_parameters" in info else "parameters not recorded"
+    placer = " with its text placer" if u.text_place_layers else ""
+    parameters = f"{info['unet_parameters'] / 1e6:.2f}M parameters{placer}" if "unet_parameters" in info else "parameters not recorded"
     rows = [
         ("data", describe_data(cfg, info)),
         ("steps", f"{info.get('step', 0):,} of batch {t.batch_size} in {minutes}{resumed}"),

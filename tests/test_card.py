@@ -21,7 +21,7 @@ def test_every_export_carries_a_card_with_the_runs_numbers(finished_run):
     info = json.loads((model / "training_info.json").read_text())
     assert f"{info['step']:,} of batch 16 in {info['minutes']:.1f} minutes" in body
     assert f"the built-in shapes ({info['images']:,} images" in body and info["images"] == 512
-    assert f"{info['unet_parameters'] / 1e6:.2f}M parameters" in body
+    assert f"{info['unet_parameters'] / 1e6:.2f}M parameters with its text placer" in body
     assert f"{info['device']}, {info['mixed_precision']}, 1 process(es)" in body
     assert (model / "validation.png").is_file() and info["validation_step"] == 40
     assert "![the validation prompts at step 40, seed 0](validation.png)" in body
