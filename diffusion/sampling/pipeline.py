@@ -180,7 +180,7 @@ class TextToImagePipeline(DiffusionPipeline):
         null_context, null_mask = states[-1:], masks[-1:]  # (1, T, D), (1, T)
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         if settings.layout_guidance > 0:
-            follow = None if pairs is None else torch.arange(len(prompts)) % pairs.n  # an edit takes its source's step
+            follow = None if pairs is None else torch.arange(len(prompts), device=context.device) % pairs.n  # an edit takes its source's step
             hooks.insert(0, self.layout_guidance(prompts, settings.layout_guidance, settings.steps, follow=follow))
         aggregator = None
         if return_attention:
